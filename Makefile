@@ -1,0 +1,30 @@
+# Two commands do all set-up: `make test` and `make demo`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo-out
+
+.PHONY: test demo install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/lussray synth --out $(DEMO)/imagenet-s --classes 5 --train-per-class 60 \
+	    --val-per-class 8 --test-per-class 8 --size 128 --seed 0
+	$(BIN)/lussray prepare --src $(DEMO)/imagenet-s --out $(DEMO)/shards --dataset synthetic-demo
+	$(BIN)/lussray peek --dataset synthetic-demo --data $(DEMO)/shards --run $(DEMO)/run --batches 3
+
+clean:
+	rm -rf $(VENV) $(DEMO)

@@ -1,0 +1,83 @@
+"""The ``lussray`` command: one subcommand per pipeline stage.
+
+Every subcommand takes the common flags ``--dataset NAME`` (a preset in configs/dataset/),
+``--data DIR`` (the shards folder written by ``lussray prepare``), ``--config FILE`` (an
+experiment overriding the preset), ``--run DIR`` (the run folder), ``--dry-run`` (print the
+resolved config and stop) and trailing ``key=value`` overrides.
+
+A subcommand lives in the module that owns its concept; the module provides
+``add_arguments(parser)`` and ``run(args, config) -> int`` and is imported only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from lussray.config import ConfigError, available_datasets, load_config, to_yaml
+from lussray.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("lussray.data.synthetic_cli", "generate an ImageNet-S-style dataset with ground truth"),
+    "prepare": ("lussray.data.shards", "pack an ImageNet-S folder tree into webdataset shards"),
+    "peek": ("lussray.data.ingest", "stream a few batches of a Ray Data pipeline and describe them"),
+    "evaluate": ("lussray.eval.evaluate", "score predictions as the official ImageNet-S evaluator does"),
+}
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    common = parser.add_argument_group("common options")
+    common.add_argument(
+        "--dataset", default="synthetic-demo", metavar="NAME",
+        help=f"dataset preset, one of: {', '.join(available_datasets())} (default: synthetic-demo)",
+    )
+    common.add_argument("--data", metavar="DIR", help="shards folder written by `lussray prepare` (local, s3:// or gs://)")
+    common.add_argument("--config", metavar="FILE", help="experiment YAML overriding the dataset preset")
+    common.add_argument("--run", metavar="DIR", help="run folder for this stage's outputs")
+    common.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    common.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pretrain.loop.epochs=5")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``command``'s module is imported (all of them when None)."""
+    parser = argparse.ArgumentParser(prog="lussray", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if command in (None, name):
+            importlib.import_module(module_name).add_arguments(sub)
+            _add_common_arguments(sub)
+        sub.set_defaults(module_name=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lussray`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((token for token in argv if token in COMMANDS), "")
+    args = build_parser(command).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        config = load_config(args.dataset, args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(config), end="")
+            return 0
+        return int(importlib.import_module(args.module_name).run(args, config) or 0)
+    except (ConfigError, UserError) as error:
+        print(f"lussray {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lussray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation exactly as the official ImageNet-S evaluator (pure numpy/scipy)."""

@@ -1,0 +1,1 @@
+"""Losses and training steps, one module per method (pure torch)."""

@@ -1,0 +1,1 @@
+"""The Ray programs of the pipeline stages."""
