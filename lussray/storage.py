@@ -1,0 +1,110 @@
+"""Paths that may be local folders or object-store URIs (s3://, gs://), through pyarrow filesystems.
+
+Everything that a stage writes for another stage (shards, manifests, run folders) goes through
+here, so nothing assumes a shared local disk. Writes are atomic: a file appears under its final
+name only when complete (local: write to a temporary name, then rename; object stores: a PUT
+becomes visible only when the upload completes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names an object-store location (``scheme://...``)."""
+    return "://" in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path components for a local path or a URI."""
+    base = str(base)
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *[part.strip("/") for part in parts]])
+    return str(Path(base).joinpath(*parts))
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the filesystem-relative path of ``path``."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    """Whether a file or folder exists at ``path``."""
+    if not is_uri(path):
+        return os.path.exists(path)
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def file_size(path: str) -> int | None:
+    """Size in bytes of the file at ``path``, or None when there is none."""
+    fs, inner = filesystem(path)
+    info = fs.get_file_info(inner)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def makedirs(path: str) -> None:
+    """Create a folder and its parents (a no-op on object stores)."""
+    if not is_uri(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole content of the file at ``path``."""
+    if not is_uri(path):
+        return Path(path).read_bytes()
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+def read_json(path: str) -> Any:
+    """Parse the JSON file at ``path``."""
+    return json.loads(read_bytes(path))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` so that ``path`` never holds a partial file."""
+    if is_uri(path):
+        fs, inner = filesystem(path)
+        with fs.open_output_stream(inner) as stream:
+            stream.write(data)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def put_file(local_file: str, path: str) -> None:
+    """Move a finished local file to ``path`` (rename locally, upload to object stores)."""
+    if not is_uri(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        shutil.move(local_file, path)
+        return
+    fs, inner = filesystem(path)
+    with open(local_file, "rb") as source, fs.open_output_stream(inner) as sink:
+        shutil.copyfileobj(source, sink, length=8 << 20)
+    os.unlink(local_file)
