@@ -1,0 +1,57 @@
+"""``lussray synth``: write a synthetic ImageNet-S tree (see ``lussray.data.synthetic``).
+
+Run::
+
+    lussray synth --out data/synth-demo                     # the sizes of config.synth
+    lussray synth --out data/synth-bench --classes 50 --train-per-class 100 --size 256 --workers 8
+
+Every flag left out takes its value from ``synth`` in the resolved config (``--dataset``,
+``--config``, ``synth.key=value`` overrides). Rerunning into a complete folder with the same
+arguments does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lussray.config import LussConfig
+from lussray.data.synthetic import MANIFEST_NAME, SynthArguments, default_workers, existing_manifest, generate_dataset
+
+_SIZE_FLAGS = ("classes", "train_per_class", "val_per_class", "test_per_class", "semi_per_class", "size", "seed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``lussray synth``; each size flag defaults to the config's ``synth`` value."""
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to create (new, or empty)")
+    parser.add_argument("--classes", type=int, metavar="N", help="number of categories (<= 999)")
+    parser.add_argument("--train-per-class", type=int, metavar="N", help="train images per class (no ground truth)")
+    parser.add_argument("--val-per-class", type=int, metavar="N", help="validation images per class")
+    parser.add_argument("--test-per-class", type=int, metavar="N", help="test images per class")
+    parser.add_argument("--semi-per-class", type=int, metavar="N",
+                        help="train images per class copied to train-semi/ with ground truth")
+    parser.add_argument("--size", type=int, metavar="PX", help="image side in pixels (square images)")
+    parser.add_argument("--seed", type=int, metavar="S", help="dataset seed: same seed and sizes, same bytes")
+    parser.add_argument("--workers", type=int, metavar="W",
+                        help="worker processes (default: one per core, at most 8); the output does not depend on it")
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """Generate the dataset, or report that ``--out`` already holds it."""
+    values = {name: getattr(args, name) if getattr(args, name) is not None else getattr(config.synth, name)
+              for name in _SIZE_FLAGS}
+    arguments = SynthArguments(**values)
+    arguments.validate()
+    existing = existing_manifest(args.out, arguments)
+    if existing is not None:
+        print(f"synth: {args.out} is already complete ({MANIFEST_NAME} has the same arguments); nothing to do")
+        return 0
+    workers = args.workers if args.workers is not None else default_workers()
+    manifest = generate_dataset(args.out, **values, workers=workers, log=_log)
+    counts = ", ".join(f"{split} {count}" for split, count in manifest["counts"].items())
+    print(f"synth: wrote {args.out} ({counts})")
+    return 0
