@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("lussray.data.synthetic_cli", "generate an ImageNet-S-style dataset with ground truth"),
     "prepare": ("lussray.data.shards", "pack an ImageNet-S folder tree into webdataset shards"),
     "peek": ("lussray.data.ingest", "stream a few batches of a Ray Data pipeline and describe them"),
+    "train": ("lussray.stages.pretrain", "stage 1: PASS representation learning on Ray Train"),
     "evaluate": ("lussray.eval.evaluate", "score predictions as the official ImageNet-S evaluator does"),
 }
 

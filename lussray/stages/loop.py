@@ -1,0 +1,279 @@
+"""The Ray Train loop shared by every training stage (pretrain, attention, finetune, ...).
+
+A stage supplies a :class:`Method` (model builder, loss hooks, extra state such as the SwAV
+queue); this module owns everything else: DDP through ``ray.train.torch.prepare_model``, LARS with
+the per-step cosine schedule, AMP and SyncBatchNorm on CUDA (gloo and fp32 on CPU), checkpoints
+every N steps and at the end (model, optimizer, scaler, method state, step, resolved config),
+automatic resume from the latest checkpoint, ``FailureConfig`` retries, metrics as JSONL and
+readable progress lines, ``--max-steps`` smoke runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from lussray import storage
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class StepState:
+    """Counters a method's hooks may read; ``step`` counts finished optimiser steps."""
+
+    step: int
+    epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    lr: float = 0.0
+
+
+class Method(Protocol):
+    """What a training method supplies to the loop."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def state_module(self) -> nn.Module:
+        """Extra state saved in checkpoints (e.g. the feature queue); an empty module if none."""
+        ...
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor], state: StepState) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def before_step(self, model: nn.Module, state: StepState) -> None: ...
+
+    def after_backward(self, model: nn.Module, state: StepState) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything a Train worker needs, passed as ``train_loop_config`` (plain, picklable)."""
+
+    stage: str
+    method_factory: Callable[[], Method]
+    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    lr_at: Callable[[int, int], float]  # (step, total_steps) -> lr
+    run_dir: str  # <run>/<stage>
+    batch_size_per_worker: int
+    steps_per_epoch: int
+    epochs: int
+    checkpoint_every_steps: int
+    log_every_steps: int
+    max_steps: Optional[int] = None
+    amp: bool = True
+    sync_batchnorm: bool = True
+    prefetch_batches: int = 2
+    resolved_config: dict = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def last_step(self) -> int:
+        return min(self.total_steps, self.max_steps) if self.max_steps else self.total_steps
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _save_checkpoint(spec: LoopSpec, model, optimizer, scaler, method, state: StepState) -> None:
+    """Report a checkpoint (rank 0 writes it; every rank reports: ``report`` is a barrier)."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    metrics = {"step": state.step, "epoch": state.epoch}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(
+            {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "method": method.state_module().state_dict(),
+                "step": state.step,
+                "config": spec.resolved_config,
+            },
+            os.path.join(folder, CHECKPOINT_FILE),
+        )
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step={state.step:08d}")
+
+
+def _restore(model, optimizer, scaler, method) -> int:
+    """Load the latest reported checkpoint, if any; returns the step to continue from."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    method.state_module().load_state_dict(state["method"])
+    return int(state["step"])
+
+
+def state_fingerprint(checkpoint_state: dict[str, Any]) -> float:
+    """A scalar summary of the optimizer and method state (to check that a resume restored them)."""
+    total = 0.0
+    for tensor in _tensors(checkpoint_state["optimizer"]["state"]) + _tensors(checkpoint_state["method"]):
+        total += float(tensor.double().abs().sum())
+    return total
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree] if tree.is_floating_point() else []
+    if isinstance(tree, dict):
+        return [t for key in sorted(tree, key=str) for t in _tensors(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
+class _MetricsLog:
+    """Rank 0's JSONL metrics and progress lines."""
+
+    def __init__(self, run_dir: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = storage.join(run_dir, METRICS_FILE)
+        self.local = not storage.is_uri(run_dir)
+        if enabled and self.local:
+            storage.makedirs(run_dir)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.local:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        terms = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time")
+        print(f"[{row['stage']}] step {row['step']}/{row['total_steps']} epoch {row['epoch']} {terms}", flush=True)
+
+
+def train_loop_per_worker(spec: LoopSpec) -> None:
+    """The body every Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_cuda = device.type == "cuda"
+    torch.manual_seed(int(spec.resolved_config.get("seed", 0)) + rank)
+
+    method = spec.method_factory()
+    model = method.build_model()
+    if on_cuda and spec.sync_batchnorm and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    method.state_module().to(device)
+    optimizer = spec.optimizer_factory([p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and spec.amp)
+    step = _restore(model, optimizer, scaler, method)
+    metrics = _MetricsLog(spec.run_dir, rank == 0)
+    if rank == 0 and step:
+        print(f"[{spec.stage}] resumed from the checkpoint at step {step}", flush=True)
+        restored = {"optimizer": optimizer.state_dict(), "method": method.state_module().state_dict()}
+        metrics.write({"stage": spec.stage, "event": "resume", "step": step, "total_steps": spec.last_step,
+                       "epoch": step // spec.steps_per_epoch, "state_fingerprint": state_fingerprint(restored)})
+
+    shard = ray.train.get_dataset_shard("train")
+    state = StepState(step, step // spec.steps_per_epoch, spec.steps_per_epoch, spec.total_steps)
+    window_start, window_images = time.perf_counter(), 0
+    while state.step < spec.last_step:
+        steps_this_epoch = 0
+        for batch in shard.iter_torch_batches(batch_size=spec.batch_size_per_worker, drop_last=True,
+                                              prefetch_batches=spec.prefetch_batches, device=device):
+            state.epoch = state.step // spec.steps_per_epoch
+            state.lr = spec.lr_at(state.step, spec.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = state.lr
+            method.before_step(model, state)
+            with torch.autocast(device.type, enabled=on_cuda and spec.amp):
+                loss, terms = method.training_step(model, batch, state)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{spec.stage}: loss is {loss.item()} at step {state.step}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            method.after_backward(model, state)
+            scaler.step(optimizer)
+            scaler.update()
+            state.step += 1
+            steps_this_epoch += 1
+            window_images += spec.batch_size_per_worker * world
+            if state.step % spec.log_every_steps == 0 or state.step == spec.last_step:
+                elapsed = time.perf_counter() - window_start
+                metrics.write({"stage": spec.stage, "step": state.step, "total_steps": spec.last_step,
+                               "epoch": state.epoch, "loss": loss.item(), **terms, "lr": state.lr,
+                               "images_per_s": window_images / max(elapsed, 1e-9), "time": time.time()})
+                window_start, window_images = time.perf_counter(), 0
+            if state.step % spec.checkpoint_every_steps == 0 or state.step == spec.last_step:
+                _save_checkpoint(spec, model, optimizer, scaler, method, state)
+            if state.step >= spec.last_step or steps_this_epoch >= spec.steps_per_epoch:
+                break
+        if steps_this_epoch == 0:
+            raise RuntimeError(f"{spec.stage}: the training data yielded no full batch of {spec.batch_size_per_worker}")
+
+
+def fit(spec: LoopSpec, dataset: Any, loop_config: Any, run_root: str) -> dict[str, Any]:
+    """Run ``spec`` on a ``TorchTrainer``; resumes automatically from ``<run_root>/<stage>``.
+
+    Args:
+        spec: the worker-side description of the stage.
+        dataset: the Ray Dataset streamed to the workers (split with ``streaming_split``).
+        loop_config: the stage's ``TrainLoopConfig`` (workers, resources, retries).
+        run_root: the run folder; Ray Train keeps its checkpoints in ``<run_root>/<stage>``.
+
+    Returns:
+        A summary: steps, seconds, the last metrics and the checkpoint path.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": loop_config.cpus_per_worker}
+    if loop_config.use_gpu:
+        resources["GPU"] = loop_config.gpus_per_worker
+    storage_path = run_root if storage.is_uri(run_root) else os.path.abspath(run_root)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=loop_config.num_workers, use_gpu=loop_config.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=spec.stage,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=loop_config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    summary = {
+        "stage": spec.stage,
+        "steps": result.metrics.get("step") if result.metrics else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    print(f"[{spec.stage}] done: {json.dumps(summary)}", flush=True)
+    return summary

@@ -1,0 +1,148 @@
+"""Stage 1: PASS representation learning (SwAV + P2P + D2S) on Ray Train.
+
+    python -m lussray.train --dataset synthetic-demo --data demo-out/shards --run demo-out/run
+    ray job submit --working-dir . -- python -m lussray.train --dataset imagenet-s919 \\
+        --data s3://bucket/imagenet-s919-shards --run s3://bucket/runs/s919
+
+Checkpoints go to ``<run>/pretrain/checkpoint_step=<N>/checkpoint.pt``; a rerun with the same
+``--run`` resumes from the latest one. ``--max-steps N`` stops after N steps (checkpointing first).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lussray import storage
+from lussray.config import LussConfig, PretrainConfig, to_dict
+from lussray.data.augment import IMAGENET_MEAN, MULTICROP_STD
+from lussray.data.shards import read_manifest
+from lussray.errors import UserError
+from lussray.methods.pass_ import PASSMethod
+from lussray.models.checkpoints import load_pretrained
+from lussray.models.pass_model import PASSModel
+from lussray.optim.lars import LARS
+from lussray.optim.schedules import cosine_schedule
+from lussray.stages.loop import LoopSpec, StepState
+
+STAGE = "pretrain"
+
+
+def normalize_views(views: torch.Tensor, mean=IMAGENET_MEAN, std=MULTICROP_STD) -> torch.Tensor:
+    """uint8 (B, S, S, 3) views to normalised float (B, 3, S, S)."""
+    x = views.permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def queue_length_per_worker(queue_length: int, global_batch: int, world_size: int) -> int:
+    """The reference rounds the queue down to a multiple of the global batch, then splits it."""
+    return (queue_length // global_batch) * global_batch // world_size
+
+
+@dataclass
+class PretrainMethod:
+    """Adapts :class:`PASSMethod` to the shared loop (batch columns -> views and grids)."""
+
+    config: PretrainConfig
+    num_views: int
+    queue_per_worker: int
+    init_checkpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.losses = PASSMethod(
+            feat_dim=self.config.feat_dim,
+            temperature=self.config.temperature,
+            sinkhorn_epsilon=self.config.sinkhorn_epsilon,
+            sinkhorn_iterations=self.config.sinkhorn_iterations,
+            queue_length_per_worker=self.queue_per_worker,
+            queue_start_epoch=self.config.queue_start_epoch,
+            freeze_prototypes_steps=self.config.freeze_prototypes_steps,
+            loss_weights=self.config.loss_weights,
+            p2p_weight=self.config.p2p_weight,
+        )
+
+    def build_model(self) -> nn.Module:
+        model = PASSModel(
+            arch=self.config.arch, hidden_dim=self.config.hidden_mlp, feat_dim=self.config.feat_dim,
+            num_prototypes=self.config.num_prototypes, shallow_stages=self.config.shallow_stages,
+        )
+        if self.init_checkpoint:
+            print(f"[{STAGE}] initialised from {self.init_checkpoint}: "
+                  f"{load_pretrained(model, self.init_checkpoint).summary()}", flush=True)
+        return model
+
+    def state_module(self) -> nn.Module:
+        return self.losses
+
+    def training_step(self, model, batch, state: StepState):
+        views = [normalize_views(batch[f"crop_{v}"]) for v in range(self.num_views)]
+        grids = (batch["p2p_grid_0"].float(), batch["p2p_grid_1"].float())
+        return self.losses.training_step(model, views, grids, state.step, state.epoch)
+
+    def before_step(self, model, state: StepState) -> None:
+        self.losses.before_step(model, state.step)
+
+    def after_backward(self, model, state: StepState) -> None:
+        self.losses.after_backward(model, state.step)
+
+
+def build_spec(config: LussConfig, data: str, run: str, *, max_steps: Optional[int] = None,
+               init_checkpoint: Optional[str] = None) -> LoopSpec:
+    """The worker-side description of a pretraining run."""
+    cfg, loop = config.pretrain, config.pretrain.loop
+    num_samples = read_manifest(data, "train")["num_samples"]
+    global_batch = loop.batch_size_per_worker * loop.num_workers
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch < 1:
+        raise UserError(f"{num_samples} training images are fewer than one global batch of {global_batch}: "
+                        f"lower pretrain.loop.batch_size_per_worker or num_workers")
+    queue = queue_length_per_worker(cfg.queue_length, global_batch, loop.num_workers)
+    method_kwargs = dict(config=cfg, num_views=sum(cfg.crops.num_crops), queue_per_worker=queue,
+                         init_checkpoint=init_checkpoint)
+    optim_kwargs = dict(lr=loop.base_lr, momentum=loop.momentum, weight_decay=loop.weight_decay,
+                        trust_coefficient=loop.lars_trust_coefficient)
+    return LoopSpec(
+        stage=STAGE,
+        method_factory=lambda: PretrainMethod(**method_kwargs),
+        optimizer_factory=lambda params: LARS(params, **optim_kwargs),
+        lr_at=lambda step, total: cosine_schedule(step, total_steps=total, base_value=loop.base_lr,
+                                                  final_value=loop.final_lr, warmup_steps=loop.warmup_steps),
+        run_dir=storage.join(run, STAGE),
+        batch_size_per_worker=loop.batch_size_per_worker,
+        steps_per_epoch=steps_per_epoch,
+        epochs=loop.epochs,
+        checkpoint_every_steps=loop.checkpoint_every_steps,
+        log_every_steps=loop.log_every_steps,
+        max_steps=max_steps,
+        amp=loop.amp,
+        sync_batchnorm=loop.sync_batchnorm,
+        prefetch_batches=config.ingest.prefetch_batches,
+        resolved_config={**to_dict(config), "seed": loop.seed},
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``lussray train`` / ``python -m lussray.train``."""
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (checkpointing first)")
+    parser.add_argument("--init", metavar="CHECKPOINT",
+                        help="initialise from a lussray, torchvision or PASS/SwAV checkpoint")
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """Pretrain on ``--data`` into ``--run`` (resuming when it holds a checkpoint)."""
+    from lussray.data.ingest import init_ray, multicrop_views
+    from lussray.stages.loop import fit
+
+    if not args.data or not args.run:
+        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
+    spec = build_spec(config, args.data, args.run, max_steps=args.max_steps, init_checkpoint=args.init)
+    init_ray(config.ray)
+    dataset = multicrop_views(args.data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
+    fit(spec, dataset, config.pretrain.loop, args.run)
+    return 0
