@@ -25,6 +25,7 @@ demo: $(STAMP)
 	    --val-per-class 8 --test-per-class 8 --size 128 --seed 0
 	$(BIN)/lussray prepare --src $(DEMO)/imagenet-s --out $(DEMO)/shards --dataset synthetic-demo
 	$(BIN)/lussray peek --dataset synthetic-demo --data $(DEMO)/shards --run $(DEMO)/run --batches 3
+	$(BIN)/python -m lussray.train --dataset synthetic-demo --data $(DEMO)/shards --run $(DEMO)/run
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -110,6 +110,7 @@ class TrainLoopConfig:
     checkpoint_every_steps: int = 500
     max_failures: int = 0
     log_every_steps: int = 10
+    torch_threads: int = 0  # intra-op threads per worker; 0 keeps Ray's default (its CPU count)
     seed: int = 10010
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from lussray import storage
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+METHOD_FILE = "method_rank{rank}.pt"  # per-worker method state (the queue), beside the checkpoint
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -75,6 +77,7 @@ class LoopSpec:
     amp: bool = True
     sync_batchnorm: bool = True
     prefetch_batches: int = 2
+    torch_threads: int = 0  # 0: Ray's default (OMP_NUM_THREADS = CPUs of the worker)
     resolved_config: dict = field(default_factory=dict)
 
     @property
@@ -91,28 +94,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _save_checkpoint(spec: LoopSpec, model, optimizer, scaler, method, state: StepState) -> None:
-    """Report a checkpoint (rank 0 writes it; every rank reports: ``report`` is a barrier)."""
+    """Report a checkpoint from every rank (``report`` is a barrier; Ray merges the folders).
+
+    Rank 0 writes the model, optimizer, scaler, step and config; every rank writes its own method
+    state (the SwAV queue differs per worker, as the reference's ``queue{rank}.pth``).
+    """
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    metrics = {"step": state.step, "epoch": state.epoch}
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(
-            {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "method": method.state_module().state_dict(),
-                "step": state.step,
-                "config": spec.resolved_config,
-            },
-            os.path.join(folder, CHECKPOINT_FILE),
-        )
-        checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step={state.step:08d}")
+        torch.save(method.state_module().state_dict(), os.path.join(folder, METHOD_FILE.format(rank=rank)))
+        if rank == 0:
+            torch.save(
+                {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "method": method.state_module().state_dict(),
+                    "step": state.step,
+                    "config": spec.resolved_config,
+                },
+                os.path.join(folder, CHECKPOINT_FILE),
+            )
+        ray.train.report({"step": state.step, "epoch": state.epoch},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_step={state.step:08d}")
 
 
 def _restore(model, optimizer, scaler, method) -> int:
@@ -124,10 +130,12 @@ def _restore(model, optimizer, scaler, method) -> int:
         return 0
     with checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        own = os.path.join(folder, METHOD_FILE.format(rank=ray.train.get_context().get_world_rank()))
+        method_state = torch.load(own, map_location="cpu", weights_only=True) if os.path.exists(own) else state["method"]
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    method.state_module().load_state_dict(state["method"])
+    method.state_module().load_state_dict(method_state)
     return int(state["step"])
 
 
@@ -169,6 +177,13 @@ class _MetricsLog:
         print(f"[{row['stage']}] step {row['step']}/{row['total_steps']} epoch {row['epoch']} {terms}", flush=True)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: GPU memory on CUDA, else the resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
 def train_loop_per_worker(spec: LoopSpec) -> None:
     """The body every Ray Train worker runs."""
     import ray.train
@@ -179,6 +194,8 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
     device = ray.train.torch.get_device()
     on_cuda = device.type == "cuda"
     torch.manual_seed(int(spec.resolved_config.get("seed", 0)) + rank)
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
 
     method = spec.method_factory()
     model = method.build_model()
@@ -225,7 +242,9 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
                 elapsed = time.perf_counter() - window_start
                 metrics.write({"stage": spec.stage, "step": state.step, "total_steps": spec.last_step,
                                "epoch": state.epoch, "loss": loss.item(), **terms, "lr": state.lr,
-                               "images_per_s": window_images / max(elapsed, 1e-9), "time": time.time()})
+                               "images_per_s": window_images / max(elapsed, 1e-9),
+                               "step_seconds": elapsed / max(window_images / (spec.batch_size_per_worker * world), 1),
+                               "peak_rss_mb": peak_memory_mb(device), "time": time.time()})
                 window_start, window_images = time.perf_counter(), 0
             if state.step % spec.checkpoint_every_steps == 0 or state.step == spec.last_step:
                 _save_checkpoint(spec, model, optimizer, scaler, method, state)

@@ -123,6 +123,7 @@ def build_spec(config: LussConfig, data: str, run: str, *, max_steps: Optional[i
         amp=loop.amp,
         sync_batchnorm=loop.sync_batchnorm,
         prefetch_batches=config.ingest.prefetch_batches,
+        torch_threads=loop.torch_threads,
         resolved_config={**to_dict(config), "seed": loop.seed},
     )
 
