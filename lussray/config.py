@@ -83,6 +83,9 @@ class IngestConfig:
     map_batch_size: int = 32  # images per map_batches call
     cpus_per_map_task: float = 1.0
     prefetch_batches: int = 2
+    # Object-store memory Ray Data may fill ahead of the Train workers. Bounding it keeps decode
+    # from racing ahead and taking CPU from the model when both share a node.
+    max_ahead_mb: int = 512
     eval_short_side: int = 256  # evaluation: Resize(256) of the shorter side, aspect kept
     finetune_crop_size: int = 224  # joint RandomResizedCrop for (image, label) pairs
     finetune_min_scale: float = 0.08

@@ -66,7 +66,7 @@ def bench_ray(shards: Path, cpus: int) -> float:
     count, started = 0, None
     for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=4):
         if started is None:  # start the clock at the first batch: cluster start-up is not throughput
-            started, first = time.perf_counter(), len(batch["crop_0"])
+            started = time.perf_counter()
             continue
         count += len(batch["crop_0"])
     elapsed = time.perf_counter() - started

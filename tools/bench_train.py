@@ -32,7 +32,7 @@ PRESETS = {  # dataset preset and overrides: the published crops and model, batc
 COMMON = ["pretrain.loop.num_workers=1", "pretrain.loop.use_gpu=false", "pretrain.loop.batch_size_per_worker=32",
           "pretrain.loop.cpus_per_worker=1", "pretrain.loop.checkpoint_every_steps=100000",
           "pretrain.loop.log_every_steps=1", "ray.num_cpus=3", "ingest.cpus_per_map_task=0.5",
-          "ingest.map_batch_size=16"]
+          "ingest.map_batch_size=16", "ingest.max_ahead_mb=64"]
 
 
 def bare(preset: str, steps: int, threads: int) -> dict:

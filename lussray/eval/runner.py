@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _KIND_TEXT = {
     "size": "have another size than their ground truth",
-    "pred_ids": "use ids outside the allowed range",
+    "pred_ids": "use ids outside the allowed range (check --classes / --dataset, or --match)",
     "gt_ids": "are ground truths with ids outside 0..N and 1000",
     "unmatched": "use ids that the match file does not map",
     "unreadable": "cannot be read",
@@ -99,7 +99,8 @@ def accumulate(
         taus: thresholds for a sweep (reads ``<name>.npy`` foreground scores), or None.
         workers: processes (default: one per core; small inputs run in-process).
         chunk_size: images per task.
-        progress: receives a progress line about every 10% (default: the module logger).
+        progress: receives a progress line about every 10% of a pass over 500 images or more
+            (default: the module logger).
 
     Raises:
         UserError: after the pass, if any file was missing, unreadable, of another size than its
@@ -117,7 +118,7 @@ def accumulate(
             errors[result.kind].append(result)
         elif not errors:
             accumulator.add(result)
-        if done * 10 >= next_report * total:
+        if total >= 500 and done * 10 >= next_report * total:
             rate = done / max(time.perf_counter() - started, 1e-9)
             report(f"evaluate: {done}/{total} images ({rate:.0f} images/s)")
             next_report = done * 10 // total + 1

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lussray.data.imagenet_s import IGNORE_ID, MAX_ENCODABLE_ID, OTHER_ID
-from lussray.eval.boundary import boundary_width, frame_mask, mixed_window, window_extrema
+from lussray.eval.boundary import boundary_mask, boundary_width, frame_mask, window_extrema
 
 BUCKET_NAMES = ("S", "MS", "ML", "L")
 BUCKET_LIMITS = (5, 25, 50)  # percent of the valid pixels: <= 5 is S, <= 25 MS, <= 50 ML, else L
@@ -146,7 +146,12 @@ def fmeasure(tp: np.ndarray, positives_gt: int, positives_pred: np.ndarray) -> n
 
 
 def _pixel_counts(
-    pred: np.ndarray, gt: np.ndarray, num_classes: int, scores: np.ndarray | None, taus: np.ndarray | None
+    pred: np.ndarray,
+    gt: np.ndarray,
+    gt_hist_all: np.ndarray,
+    num_classes: int,
+    scores: np.ndarray | None,
+    taus: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Count the non-ignored pixels by (threshold index, prediction id, GT id, on-pred-boundary,
     on-GT-boundary).
@@ -161,11 +166,8 @@ def _pixel_counts(
         (K, len(pred_labels), len(gt_labels), 2, 2).
     """
     d = boundary_width(*gt.shape)
-    frame = frame_mask(gt.shape, d)
-    gt_edge = frame | mixed_window(gt, d)
-    pred_edge = frame | mixed_window(pred, d)
+    gt_edge, pred_edge = boundary_mask(gt, d), boundary_mask(pred, d)
 
-    gt_hist_all = np.bincount(gt.ravel(), minlength=num_classes + 1)
     gt_hist = gt_hist_all[: num_classes + 1]
     gt_labels = np.flatnonzero(gt_hist)
     num_g = len(gt_labels)
@@ -173,9 +175,8 @@ def _pixel_counts(
     lut_g[gt_labels] = np.arange(num_g, dtype=np.int32)
     slots = num_g + 1
 
-    pred_ids = np.flatnonzero(np.bincount(pred.ravel()))
-    pred_ids = pred_ids if pred_ids.size and pred_ids[0] == OTHER_ID else np.concatenate([[OTHER_ID], pred_ids])
-    if scores is None and int(pred_ids[-1]) < 4096:
+    pred_max = int(pred.max(initial=0))
+    if scores is None and pred_max < 4096:
         # Single map: the state of a pixel is fixed; index the histogram by the raw id.
         state = pred.astype(np.int32)
         state *= slots
@@ -183,10 +184,14 @@ def _pixel_counts(
         state <<= 2
         state += pred_edge.view(np.uint8) * np.uint8(2)
         state += gt_edge
-        counts = np.bincount(state.ravel(), minlength=(int(pred_ids[-1]) + 1) * slots * 4)
-        counts = counts.reshape(-1, slots, 2, 2)[pred_ids, :num_g][None]
-        return pred_ids, gt_labels, gt_hist, counts
+        counts = np.bincount(state.ravel(), minlength=(pred_max + 1) * slots * 4).reshape(-1, slots, 2, 2)
+        seen = counts.any(axis=(1, 2, 3))
+        seen[OTHER_ID] = True
+        pred_ids = np.flatnonzero(seen)
+        return pred_ids, gt_labels, gt_hist, counts[pred_ids, :num_g][None]
 
+    pred_ids = np.flatnonzero(np.bincount(pred.ravel(), minlength=1))
+    pred_ids = pred_ids if pred_ids.size and pred_ids[0] == OTHER_ID else np.concatenate([[OTHER_ID], pred_ids])
     lut_v = np.zeros(int(pred_ids[-1]) + 1, dtype=np.int32)
     lut_v[pred_ids] = np.arange(len(pred_ids), dtype=np.int32)
     code = lut_v[pred].astype(np.intp)  # (prediction slot, GT slot, on-GT-boundary)
@@ -196,7 +201,7 @@ def _pixel_counts(
     code += gt_edge
     code = code.ravel()
     num_codes = len(pred_ids) * slots * 2
-    num_taus, km, kf, ka = _tau_segments(pred, scores, taus, frame, pred_edge, d)
+    num_taus, km, kf, ka = _tau_segments(pred, scores, taus, pred_edge, d)
 
     def exceeding(k_index: np.ndarray) -> np.ndarray:
         # (K, codes): number of pixels of each code whose index is > k, for every k < K.
@@ -222,7 +227,7 @@ def _pixel_counts(
 
 
 def _tau_segments(
-    pred: np.ndarray, scores: np.ndarray, taus: np.ndarray, frame: np.ndarray, pred_edge: np.ndarray, d: int
+    pred: np.ndarray, scores: np.ndarray | None, taus: np.ndarray | None, pred_edge: np.ndarray, d: int
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """Threshold indices where each pixel's (label, on-boundary) state changes.
 
@@ -232,7 +237,8 @@ def _tau_segments(
     with label v != 0 is on the boundary iff its window leaves the image, or holds another
     prediction id (then at every tau), or holds a pixel of v already turned to 0 (k >= the
     window's min kf). A pixel with label 0 is on the boundary iff its window leaves the image or
-    holds a pixel still non-zero (k < the window's max kf; kf = 0 for v = 0).
+    holds a pixel still non-zero (k < the window's max kf; kf = 0 for v = 0). Without scores
+    K = 1 and kf = 1 for v != 0.
 
     Args:
         pred_edge: the window leaves the image or holds two prediction ids.
@@ -240,27 +246,38 @@ def _tau_segments(
     Returns:
         (K, km, kf, ka), each (H, W).
     """
+    nonzero = pred != OTHER_ID
+    if scores is None:
+        kf = nonzero.astype(np.uint8)
+        return 1, np.where(pred_edge, 0, kf), kf, (pred_edge | nonzero).astype(np.uint8)
     num_taus = len(taus)
     dtype = np.uint8 if num_taus < 255 else np.uint16
     kf = np.searchsorted(taus, scores, side="right").astype(dtype)  # both float32
-    kf[pred == OTHER_ID] = 0
+    kf[~nonzero] = 0
     high, low = window_extrema(kf, d)
     km = np.where(pred_edge, 0, low)
-    ka = np.where(frame, num_taus, high)
+    ka = np.where(frame_mask(pred.shape, d), num_taus, high)
     return num_taus, km, kf, ka
 
 
-def _check_labels(pred: np.ndarray, gt: np.ndarray, num_classes: int, max_pred_id: int) -> None:
+def _check_labels(pred: np.ndarray, gt: np.ndarray, num_classes: int, max_pred_id: int) -> np.ndarray:
+    """Refuse bad maps; return the histogram of the ground truth over all its ids."""
     if pred.ndim != 2 or pred.shape != gt.shape:
         raise LabelError("size", f"prediction is {_size(pred)}, ground truth is {_size(gt)}")
-    pred_max = int(pred.max(initial=0))
-    if pred_max > max_pred_id or (pred.size and int(pred.min()) < 0):
-        bad = pred[(pred > max_pred_id) | (pred < 0)]
+    for name, label in (("prediction", pred), ("ground truth", gt)):
+        if not np.issubdtype(label.dtype, np.integer):
+            raise LabelError("pred_ids" if label is pred else "gt_ids", f"{name} must hold integer ids, got {label.dtype}")
+        if label.size and not np.issubdtype(label.dtype, np.unsignedinteger) and int(label.min()) < 0:
+            raise LabelError("pred_ids" if label is pred else "gt_ids", f"{name} uses negative ids")
+    if int(pred.max(initial=0)) > max_pred_id:
+        bad = pred[pred > max_pred_id]
         raise LabelError("pred_ids", f"prediction uses id {int(bad[0])}, outside 0..{max_pred_id}")
-    bad_gt = (gt > num_classes) & (gt != IGNORE_ID)
-    if gt.size and (int(gt.min()) < 0 or bad_gt.any()):
-        value = int(gt[bad_gt | (gt < 0)][0])
-        raise LabelError("gt_ids", f"ground truth uses id {value}, outside 0..{num_classes} and {IGNORE_ID}")
+    gt_hist_all = np.bincount(gt.ravel(), minlength=num_classes + 1)
+    outside = np.flatnonzero(gt_hist_all[num_classes + 1 :]) + num_classes + 1
+    outside = outside[outside != IGNORE_ID]
+    if outside.size:
+        raise LabelError("gt_ids", f"ground truth uses id {int(outside[0])}, outside 0..{num_classes} and {IGNORE_ID}")
+    return gt_hist_all
 
 
 def _size(array: np.ndarray) -> str:
@@ -299,8 +316,8 @@ def image_stats(
     """
     pred, gt = np.asarray(pred), np.asarray(gt)
     max_pred_id = num_classes if mapping is None else len(mapping) - 1
-    _check_labels(pred, gt, num_classes, max_pred_id)
-    if mapping is not None and pred.size:
+    gt_hist_all = _check_labels(pred, gt, num_classes, max_pred_id)
+    if mapping is not None and pred.size and (mapping < 0).any():
         present = np.flatnonzero(np.bincount(pred.ravel().astype(np.intp)))
         unmapped = present[mapping[present] < 0]
         if unmapped.size:
@@ -315,7 +332,7 @@ def image_stats(
         if scores.shape != gt.shape:
             raise LabelError("size", f"foreground scores are {_size(scores)}, ground truth is {_size(gt)}")
 
-    pred_labels, gt_labels, gt_hist, counts = _pixel_counts(pred, gt, num_classes, scores, taus)
+    pred_labels, gt_labels, gt_hist, counts = _pixel_counts(pred, gt, gt_hist_all, num_classes, scores, taus)
     num_taus = counts.shape[0]
     total = int(gt_hist.sum())
     n = counts.sum(axis=(3, 4))  # (K, V, G): pixels per (threshold, prediction id, GT id)

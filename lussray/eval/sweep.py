@@ -72,6 +72,7 @@ class SweepResult:
     taus: np.ndarray
     metrics: list[Metrics]
     mappings: list[np.ndarray]
+    pair_table_bytes: int = 0  # memory the accumulated statistics held (for reports)
 
     @property
     def best_index(self) -> int:
@@ -148,7 +149,7 @@ class TauSweep:
             result.tau = float(tau)
             metrics.append(result)
             mappings.append(mapping)
-        return SweepResult(self.taus.copy(), metrics, mappings)
+        return SweepResult(self.taus.copy(), metrics, mappings, acc.pair_table_bytes)
 
 
 def _sample_stats(

@@ -254,13 +254,14 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
             raise RuntimeError(f"{spec.stage}: the training data yielded no full batch of {spec.batch_size_per_worker}")
 
 
-def fit(spec: LoopSpec, dataset: Any, loop_config: Any, run_root: str) -> dict[str, Any]:
+def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_root: str) -> dict[str, Any]:
     """Run ``spec`` on a ``TorchTrainer``; resumes automatically from ``<run_root>/<stage>``.
 
     Args:
         spec: the worker-side description of the stage.
         dataset: the Ray Dataset streamed to the workers (split with ``streaming_split``).
         loop_config: the stage's ``TrainLoopConfig`` (workers, resources, retries).
+        ingest_config: the ``IngestConfig`` (how far Ray Data may read ahead).
         run_root: the run folder; Ray Train keeps its checkpoints in ``<run_root>/<stage>``.
 
     Returns:
@@ -272,6 +273,9 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, run_root: str) -> dict[s
     resources = {"CPU": loop_config.cpus_per_worker}
     if loop_config.use_gpu:
         resources["GPU"] = loop_config.gpus_per_worker
+    ingest_options = ray.train.DataConfig.default_ingest_options()
+    ingest_options.resource_limits = ingest_options.resource_limits.copy(
+        object_store_memory=ingest_config.max_ahead_mb * 2**20)
     storage_path = run_root if storage.is_uri(run_root) else os.path.abspath(run_root)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -285,6 +289,7 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, run_root: str) -> dict[s
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ingest_options}),
     )
     started = time.perf_counter()
     result = trainer.fit()

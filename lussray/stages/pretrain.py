@@ -145,5 +145,5 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     spec = build_spec(config, args.data, args.run, max_steps=args.max_steps, init_checkpoint=args.init)
     init_ray(config.ray)
     dataset = multicrop_views(args.data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
-    fit(spec, dataset, config.pretrain.loop, args.run)
+    fit(spec, dataset, config.pretrain.loop, config.ingest, args.run)
     return 0

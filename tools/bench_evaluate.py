@@ -1,0 +1,291 @@
+"""Benchmark: `lussray evaluate` on an ImageNet-S919-sized validation set, and the tau sweep.
+
+    .venv/bin/python tools/bench_evaluate.py [--images 12419] [--classes 919] [--workers 2]
+                                             [--cache bench-out/eval-cache] [--baseline-images 40]
+
+1. Data: ``--images`` ground-truth maps of ImageNet size (about 500 x 375; 1-2 objects, ellipses or
+   rectangles, of 1..919 on "other", with a 2-px ignore band on every object boundary) and a noisy
+   permuted copy as predictions (ids permuted, objects shifted, some confusions, blobs and empty
+   predictions), written as PNG in the official layout under ``--cache`` (reused when complete).
+2. Full metric set + Hungarian matching over the PNG files (``evaluate_items``): images/s and the
+   time of the whole validation set.
+3. A tau sweep with 81 thresholds (0.00..0.80) over the same ground truth, with label-generation
+   style predictions (ids 1..919 everywhere, "other" only through the foreground scores) made in
+   the workers from each ground truth (their cost is measured separately and included).
+4. The official-style baseline on ``--baseline-images`` images: a straightforward per-image
+   transcription of the official algorithm (tests/unit/test_eval_reference.py: per-label erosion,
+   masking, histograms, per-class size-bucket concatenation), timed for one pass and extrapolated:
+   ``match.py`` + ``evaluator.py`` are 2 passes; ``evaluator.py --curve`` over 81 thresholds is
+   1 + 81 passes. Its erosion uses a (2d+1)-square minimum filter, as fast as cv2.erode (the
+   official code's); munkres matching time is not included (the baseline is a lower bound).
+
+Prints progress and a table, writes bench-out/bench_evaluate.json; the last line printed is one
+JSON object with the keys images_per_s, sweep_seconds, validation_seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from PIL import Image  # noqa: E402
+
+from lussray.data.imagenet_s import IGNORE_ID, encode_label  # noqa: E402
+from lussray.eval.evaluate import evaluate_items, format_table  # noqa: E402
+from lussray.eval.io import list_items, read_label, write_atomic  # noqa: E402
+from lussray.eval.parallel import ordered_map  # noqa: E402
+from lussray.eval.sweep import DEFAULT_TAUS, sweep_tau  # noqa: E402
+from tests.unit.test_eval_reference import official_metrics, official_presence  # noqa: E402
+
+SIZES = ((375, 500), (375, 500), (375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 500))
+SEED = 0
+
+
+def wnid(class_id: int) -> str:
+    return f"n{class_id:08d}"
+
+
+def _permutation(classes: int) -> np.ndarray:
+    perm = np.zeros(classes + 1, np.int64)
+    perm[1:] = np.random.default_rng(SEED).permutation(classes) + 1
+    return perm
+
+
+def _draw(label: np.ndarray, rng: np.random.Generator, class_id: int, low: float, high: float) -> None:
+    """Paint one ellipse or rectangle of ``class_id`` covering ~[low, high] of the image."""
+    h, w = label.shape
+    area = np.exp(rng.uniform(np.log(low), np.log(high))) * h * w
+    aspect = rng.uniform(0.5, 2.0)
+    bh, bw = min(h, int(np.sqrt(area / aspect)) + 1), min(w, int(np.sqrt(area * aspect)) + 1)
+    top, left = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
+    if rng.random() < 0.5:
+        label[top : top + bh, left : left + bw] = class_id
+        return
+    yy, xx = np.ogrid[:bh, :bw]
+    inside = ((yy - (bh - 1) / 2) / (bh / 2)) ** 2 + ((xx - (bw - 1) / 2) / (bw / 2)) ** 2 <= 1
+    label[top : top + bh, left : left + bw][inside] = class_id
+
+
+def _ignore_band(label: np.ndarray) -> np.ndarray:
+    band = np.zeros(label.shape, bool)
+    dx, dy = label[:, 1:] != label[:, :-1], label[1:] != label[:-1]
+    band[:, 1:] |= dx
+    band[:, :-1] |= dx
+    band[1:] |= dy
+    band[:-1] |= dy
+    return band
+
+
+def make_pair(index: int, classes: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """(key, ground truth, prediction) of image ``index``; deterministic."""
+    rng = np.random.default_rng([SEED, index])
+    class_id = index % classes + 1
+    label = np.zeros(SIZES[rng.integers(len(SIZES))], np.int64)
+    _draw(label, rng, class_id, 0.01, 0.7)
+    if rng.random() < 0.3:
+        _draw(label, rng, int(rng.integers(1, classes + 1)), 0.01, 0.2)
+    gt = label.copy()
+    gt[_ignore_band(label)] = IGNORE_ID
+    # Prediction: permuted ids, shifted, sometimes confused, with blobs; 5% predict nothing.
+    pred = _permutation(classes)[np.roll(label, tuple(rng.integers(-6, 7, 2)), axis=(0, 1))]
+    roll = rng.random()
+    if roll < 0.05:
+        pred[:] = 0
+    elif roll < 0.15:
+        pred[pred > 0] = rng.integers(1, classes + 1)
+    for _ in range(rng.integers(0, 4)):
+        _draw(pred, rng, int(rng.integers(0, classes + 1)), 0.001, 0.02)
+    return f"{wnid(class_id)}/img_{index:06d}", gt, pred
+
+
+def _png(label: np.ndarray) -> bytes:
+    # The official codec; zlib level 1 only to write the cache faster (decoding speed is alike).
+    buffer = io.BytesIO()
+    Image.fromarray(encode_label(label), mode="RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _write_pair(index: int, classes: int, cache: Path) -> int:
+    key, gt, pred = make_pair(index, classes)
+    write_atomic(cache / "gt" / f"{key}.png", _png(gt))
+    write_atomic(cache / "pred" / f"{key}.png", _png(pred))
+    return index
+
+
+def ensure_data(cache: Path, images: int, classes: int, workers: int) -> None:
+    marker = cache / "complete.json"
+    spec = {"images": images, "classes": classes, "seed": SEED, "version": 1}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        print(f"data: reusing {cache}", flush=True)
+        return
+    print(f"data: writing {images} ground-truth + prediction PNGs to {cache}", flush=True)
+    started, step = time.perf_counter(), max(1, images // 10)
+    for done, _ in enumerate(ordered_map(partial(_write_pair, classes=classes, cache=cache), range(images),
+                                         workers=workers, chunk_size=32), start=1):
+        if done % step == 0 or done == images:
+            print(f"data: {done}/{images} ({done / (time.perf_counter() - started):.0f} pairs/s)", flush=True)
+    write_atomic(marker, json.dumps(spec).encode())
+
+
+def sweep_sample(sample: tuple[int, str], classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label-generation-style (pred, scores, gt) built from one ground truth, in the worker."""
+    index, gt_path = sample
+    gt = read_label(gt_path)
+    rng = np.random.default_rng([SEED, index, 1])
+    h, w = gt.shape
+    base = np.where(gt == IGNORE_ID, 0, gt).astype(np.int64)
+    cells = (h // 8 + 1, w // 8 + 1)
+    background = rng.choice(rng.integers(1, classes + 1, 3), size=(cells[0] // 4 + 1, cells[1] // 4 + 1))
+    background = background.repeat(32, 0).repeat(32, 1)[:h, :w]
+    pred = np.where(base > 0, _permutation(classes)[base], background)
+    object_cells = ndimage.maximum_filter(base[::8, ::8] > 0, size=2)[: cells[0], : cells[1]]
+    low = rng.uniform(0.05, 0.5, object_cells.shape)
+    high = rng.uniform(0.35, 0.9, object_cells.shape)
+    coarse = np.where(object_cells, high, low).astype(np.float32)
+    scores = coarse.repeat(8, 0).repeat(8, 1)
+    scores = np.pad(scores, ((0, max(0, h - scores.shape[0])), (0, max(0, w - scores.shape[1]))), mode="edge")[:h, :w]
+    return pred, scores, gt
+
+
+def _baseline_boundary(label: np.ndarray) -> np.ndarray:
+    """``get_boundary_mask(label + 1)`` with one (2d+1)-square erosion per value (cv2.erode speed)."""
+    label = label + 1
+    h, w = label.shape
+    d = max(1, int(round(0.03 * np.sqrt(h**2 + w**2))))
+    out = np.zeros(label.shape, np.int64)
+    for v in np.unique(label):
+        mask = np.pad((label == v).astype(np.uint8), 1)
+        eroded = ndimage.minimum_filter(mask, size=2 * d + 1, mode="constant", cval=1)
+        out += ((mask - eroded)[1:-1, 1:-1] > 0) * int(v)
+    return out
+
+
+def baseline(items, classes: int) -> dict[str, float]:
+    """Seconds per image of one official-style pass (metrics) and of a presence pass (matching)."""
+    started = time.process_time()
+    gts = [read_label(i.gt_path).astype(np.int64) for i in items]
+    preds = [read_label(i.pred_path).astype(np.int64) for i in items]
+    decode = time.process_time() - started
+    started = time.process_time()
+    official_presence(preds, gts)
+    presence = time.process_time() - started + decode
+    started = time.process_time()
+    official_metrics(preds, gts, classes, {i: i for i in range(classes + 1)}, boundary_map=_baseline_boundary)
+    metrics = time.process_time() - started + decode
+    return {"metric_pass_s_per_image": metrics / len(items), "presence_pass_s_per_image": presence / len(items)}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the pool's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=12419, help="validation images (ImageNet-S919: 12,419)")
+    parser.add_argument("--classes", type=int, default=919)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache", default=str(ROOT / "bench-out" / "eval-cache"))
+    parser.add_argument("--baseline-images", type=int, default=40)
+    parser.add_argument("--skip-sweep", action="store_true")
+    args = parser.parse_args()
+
+    cache = Path(args.cache) / f"{args.images}-{args.classes}"
+    ensure_data(cache, args.images, args.classes, args.workers)
+    items = list_items(cache / "gt", cache / "pred")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"evaluate: {len(items)} images, {args.classes} classes, {args.workers} workers (load average {load:.1f})",
+          flush=True)
+
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    evaluation = evaluate_items(items, num_classes=args.classes, match="hungarian", workers=args.workers)
+    validation_seconds = time.perf_counter() - started
+    cpu_per_image = (_cpu_seconds() - cpu) / len(items)
+    images_per_s = len(items) / validation_seconds
+    print(format_table(evaluation.metrics), flush=True)
+    recovered = float(np.mean(evaluation.mapping[_permutation(args.classes)[1:]] == np.arange(1, args.classes + 1)))
+    print(f"evaluate: {validation_seconds:.1f} s, {images_per_s:.0f} images/s; {cpu_per_image * 1000:.1f} ms of CPU "
+          f"per image (all processes); matching recovered {recovered:.1%} of the permutation", flush=True)
+
+    sweep_seconds = float("nan")
+    sweep_best = None
+    load_s_per_image = float("nan")
+    if not args.skip_sweep:
+        samples = [(i, str(item.gt_path)) for i, item in enumerate(items)]
+        t0 = time.process_time()
+        for sample in samples[:50]:
+            sweep_sample(sample, args.classes)
+        load_s_per_image = (time.process_time() - t0) / min(50, len(samples))
+        print(f"sweep: {len(DEFAULT_TAUS)} thresholds over {len(samples)} images", flush=True)
+        started = time.perf_counter()
+        result = sweep_tau(samples, num_classes=args.classes, taus=DEFAULT_TAUS,
+                           load=partial(sweep_sample, classes=args.classes), workers=args.workers, chunk_size=16)
+        sweep_seconds = time.perf_counter() - started
+        sweep_best = {"tau": result.best_tau, "mIoU": result.best.miou,
+                      "pair_table_mb": round(result.pair_table_bytes / 2**20, 1)}
+        print(f"sweep: {sweep_seconds:.1f} s; best tau {result.best_tau:.2f} (mIoU {result.best.miou:.2f}); "
+              f"data generation in the workers {load_s_per_image * 1000:.1f} ms/image of CPU", flush=True)
+
+    subset = items[: args.baseline_images]
+    print(f"baseline: official-style transcription on {len(subset)} images", flush=True)
+    base = baseline(subset, args.classes)
+    per_image = base["metric_pass_s_per_image"]
+    official_validation = (per_image + base["presence_pass_s_per_image"]) * len(items) / args.workers
+    official_sweep = (base["presence_pass_s_per_image"] + len(DEFAULT_TAUS) * per_image) * len(items) / args.workers
+
+    rows = [
+        ("full metric set + Hungarian matching", f"{images_per_s:.0f} images/s", f"{validation_seconds:.0f} s",
+         f"{official_validation:.0f} s", f"{official_validation / validation_seconds:.1f}x"),
+        (f"tau sweep, {len(DEFAULT_TAUS)} thresholds", f"{len(items) / sweep_seconds:.0f} images/s",
+         f"{sweep_seconds:.0f} s", f"{official_sweep:.0f} s", f"{official_sweep / sweep_seconds:.1f}x"),
+    ]
+    header = ("task", "lussray", "lussray time", "official-style (extrapolated)", "speed-up")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+
+    report = {
+        "images_per_s": round(images_per_s, 1),
+        "sweep_seconds": round(sweep_seconds, 1),
+        "validation_seconds": round(validation_seconds, 1),
+        "images": len(items),
+        "classes": args.classes,
+        "workers": args.workers,
+        "taus": len(DEFAULT_TAUS),
+        "cpu_ms_per_image": round(cpu_per_image * 1000, 2),
+        "images_per_s_if_cores_free": round(args.workers / cpu_per_image, 1),
+        "metrics": evaluation.metrics.summary(),
+        "matching_recovered": recovered,
+        "sweep_best": sweep_best,
+        "sweep_load_ms_per_image": round(load_s_per_image * 1000, 2),
+        "baseline": {**base, "images": len(subset), "validation_seconds_extrapolated": round(official_validation, 1),
+                     "sweep_seconds_extrapolated": round(official_sweep, 1), "munkres_not_included": True},
+        "load_average_at_start": load,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+    }
+    out = ROOT / "bench-out" / "bench_evaluate.json"
+    write_atomic(out, (json.dumps(report, indent=2) + "\n").encode())
+    print(f"wrote {out}")
+    print(json.dumps({k: report[k] for k in ("images_per_s", "sweep_seconds", "validation_seconds")}))
+
+
+if __name__ == "__main__":
+    main()
