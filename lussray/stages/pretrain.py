@@ -11,6 +11,7 @@ Checkpoints go to ``<run>/pretrain/checkpoint_step=<N>/checkpoint.pt``; a rerun 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -142,8 +143,10 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
 
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
-    spec = build_spec(config, args.data, args.run, max_steps=args.max_steps, init_checkpoint=args.init)
+    # Ray workers run in their own working directories: hand them absolute paths.
+    data, run_root = (path if storage.is_uri(path) else os.path.abspath(path) for path in (args.data, args.run))
+    spec = build_spec(config, data, run_root, max_steps=args.max_steps, init_checkpoint=args.init)
     init_ray(config.ray)
-    dataset = multicrop_views(args.data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
-    fit(spec, dataset, config.pretrain.loop, config.ingest, args.run)
+    dataset = multicrop_views(data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
+    fit(spec, dataset, config.pretrain.loop, config.ingest, run_root)
     return 0
