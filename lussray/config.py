@@ -56,7 +56,8 @@ class SynthConfig:
 class RayConfig:
     """How to reach Ray: an address to join, else a local cluster of ``num_cpus`` logical CPUs."""
 
-    address: Optional[str] = None  # None: RAY_ADDRESS or a running cluster, else start a local one
+    # None: RAY_ADDRESS or a running cluster, else start a local one; "local": always a new local one
+    address: Optional[str] = None
     # Logical CPUs of a local cluster. More than the physical cores on purpose: Ray Data needs
     # CPUs left over when Train workers or an actor pool hold theirs, or ingest hangs.
     num_cpus: Optional[int] = None

@@ -176,6 +176,9 @@ def init_ray(ray_config: Any) -> None:
     if ray.is_initialized():
         return
     address = ray_config.address or os.environ.get("RAY_ADDRESS")
+    if address == "local":  # always a fresh local cluster, even when another one is running
+        ray.init(address="local", num_cpus=ray_config.num_cpus, include_dashboard=False)
+        return
     if address:
         ray.init(address=address, log_to_driver=True)
         return

@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -72,6 +72,7 @@ def evaluate_items(
     match: dict[int, int] | str | None = None,
     workers: int | None = None,
     match_source: str = "match",
+    progress: Callable[[str], None] | None = None,
 ) -> Evaluation:
     """Evaluate predictions on disk in one streaming pass.
 
@@ -82,6 +83,7 @@ def evaluate_items(
             apply, or None when predictions already use ground-truth ids.
         workers: processes (default one per core).
         match_source: how to name the match in messages (its file name).
+        progress: receives progress lines (default: the logger of :mod:`lussray.eval.runner`).
 
     Raises:
         UserError: for bad files or an unusable match (the message names them).
@@ -98,7 +100,7 @@ def evaluate_items(
     acc = StatsAccumulator(num_classes, max_pred_id=max_pred_id)
     # With a known matching the workers decide Img-Acc per image; a Hungarian one is known later.
     worker_mapping = mapping if mapping is not None or match == HUNGARIAN else _identity(num_classes)
-    accumulate(items, acc, mapping=worker_mapping, workers=workers)
+    accumulate(items, acc, mapping=worker_mapping, workers=workers, progress=progress)
     if match == HUNGARIAN:
         pred_images, pred_labels, gt_images, gt_labels = acc.presence()
         mapping = hungarian_mapping(

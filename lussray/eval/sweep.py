@@ -24,6 +24,7 @@ This module is pure: no Ray, no torch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Sequence
@@ -167,6 +168,8 @@ def sweep_tau(
     load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     workers: int = 1,
     chunk_size: int = 8,
+    progress: Callable[[str], None] | None = None,
+    total: int | None = None,
 ) -> SweepResult:
     """Sweep tau over an iterable of images in one pass.
 
@@ -178,11 +181,18 @@ def sweep_tau(
             small descriptors cross process boundaries.
         workers: processes (1: in this process); at most 2 chunks per worker are in flight.
         chunk_size: samples per task.
+        progress: receives a line about every 10% of ``total`` samples (when both are given).
+        total: the number of samples, for progress lines.
     """
     sweep = TauSweep(num_classes, taus)
     fn = partial(_sample_stats, num_classes=num_classes, taus=sweep.taus, load=load)
-    for stats in ordered_map(fn, samples, workers=workers, chunk_size=chunk_size):
+    started, next_report = time.perf_counter(), 1
+    for done, stats in enumerate(ordered_map(fn, samples, workers=workers, chunk_size=chunk_size), start=1):
         sweep.add(stats)
+        if progress and total and done * 10 >= next_report * total:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            progress(f"sweep: {done}/{total} images ({rate:.0f} images/s)")
+            next_report = done * 10 // total + 1
     return sweep.result()
 
 

@@ -17,6 +17,8 @@ from lussray.stages.loop import CHECKPOINT_FILE, METRICS_FILE, state_fingerprint
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TINY = [
+    # its own local cluster: killing the driver then ends the whole run, as on a laptop
+    "ray.address=local", "ray.num_cpus=4",
     "dataset.num_classes=3",
     "pretrain.hidden_mlp=64", "pretrain.feat_dim=32", "pretrain.num_prototypes=12",
     "pretrain.queue_length=32", "pretrain.queue_start_epoch=1", "pretrain.freeze_prototypes_steps=2",
