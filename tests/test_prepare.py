@@ -8,7 +8,6 @@ import sys
 import tarfile
 import time
 
-import pytest
 
 from lussray.cli import main
 from lussray.data.shards import read_manifest

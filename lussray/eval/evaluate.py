@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import time
@@ -49,8 +48,6 @@ from lussray.eval.metrics import Metrics, compute_metrics
 from lussray.eval.runner import accumulate
 from lussray.eval.stats import BUCKET_NAMES, StatsAccumulator
 from lussray.eval.sweep import SweepResult, parse_taus, sweep_folders
-
-log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 HUNGARIAN = "hungarian"
@@ -152,7 +149,9 @@ def format_per_class(metrics: Metrics, names: Sequence[str] | None = None) -> st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lussray evaluate`` (the common flags are added by the CLI)."""
-    parser.add_argument("--pred", required=True, metavar="DIR", help="predictions: DIR/<wnid>/<name>.png (official codec)")
+    parser.add_argument(
+        "--pred", required=True, metavar="DIR", help="predictions: DIR/<wnid>/<name>.png (official codec)"
+    )
     parser.add_argument("--gt", required=True, metavar="DIR", help="ground truth: the <split>-segmentation folder")
     matching = parser.add_mutually_exclusive_group()
     matching.add_argument("--match", metavar="FILE", help="match.json mapping generated ids to ground-truth ids")
@@ -165,7 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sweep the 'other' threshold tau over <name>.npy foreground scores next to the "
         "predictions, with a Hungarian matching per tau (default 0:0.8:0.01, PASS --curve)",
     )
-    parser.add_argument("--classes", type=int, metavar="N", help="number of categories N (default: dataset.num_classes)")
+    parser.add_argument(
+        "--classes", type=int, metavar="N", help="number of categories N (default: dataset.num_classes)"
+    )
     parser.add_argument("--list", metavar="FILE", help="image list (official names file or <wnid>/<name> per line)")
     parser.add_argument("--workers", type=int, metavar="W", help="worker processes (default: one per core)")
     parser.add_argument("--out", metavar="DIR", help="where metrics.json goes (default: <run>/evaluate, else --pred)")

@@ -12,8 +12,9 @@ any file again:
   sum of these counts after mapping p through the matching: pred histogram = n by m(p), GT
   histogram = n by g, intersection = n where m(p) == g; the boundary histograms likewise, since
   the official boundary label of a pixel is (own label + 1) when the pixel is on the boundary of
-  its own label (so boundary labels remap exactly as the labels do; ImageNet-S ``data/data.py``
-  computes prediction boundaries before remapping, as here).
+  its own label (so boundary labels remap exactly as the labels do). ImageNet-S ``data/data.py``
+  draws prediction boundaries before remapping, as here; PASS ``EvalDataset`` remaps first. Both
+  agree for a one-to-one matching (Hungarian); for a many-to-one match.json this follows ImageNet-S.
 - The size tag t replays the size buckets (``IoUDifferentSizeGPUWithBoundary``): a category c of
   the image has size ceil(100 |c| / |valid|) (in float32, as torch computes it) and bucket S
   (<= 5), MS (<= 25), ML (<= 50) or L; bucket b's statistics use the pixels of the categories in
@@ -24,8 +25,8 @@ any file again:
 With foreground scores and a list of thresholds tau (the "other" threshold of PASS label
 generation, section 2.3), every statistic gets a leading tau axis, still in one pass: the
 prediction at tau is ``pred`` with pixels whose score is below tau set to 0, and a pixel's boundary
-state changes at most three times as tau grows (see :func:`_tau_segments`), so the counts of all
-thresholds come from one difference array over the threshold index.
+state changes at most three times as tau grows (see :func:`_tau_segments`), so the counts at
+all thresholds come from three histograms of the threshold indices where the state changes.
 
 This module is pure: no Ray, no torch.
 """
@@ -264,11 +265,11 @@ def _check_labels(pred: np.ndarray, gt: np.ndarray, num_classes: int, max_pred_i
     """Refuse bad maps; return the histogram of the ground truth over all its ids."""
     if pred.ndim != 2 or pred.shape != gt.shape:
         raise LabelError("size", f"prediction is {_size(pred)}, ground truth is {_size(gt)}")
-    for name, label in (("prediction", pred), ("ground truth", gt)):
+    for name, kind, label in (("prediction", "pred_ids", pred), ("ground truth", "gt_ids", gt)):
         if not np.issubdtype(label.dtype, np.integer):
-            raise LabelError("pred_ids" if label is pred else "gt_ids", f"{name} must hold integer ids, got {label.dtype}")
+            raise LabelError(kind, f"{name} must hold integer ids, got {label.dtype}")
         if label.size and not np.issubdtype(label.dtype, np.unsignedinteger) and int(label.min()) < 0:
-            raise LabelError("pred_ids" if label is pred else "gt_ids", f"{name} uses negative ids")
+            raise LabelError(kind, f"{name} uses negative ids")
     if int(pred.max(initial=0)) > max_pred_id:
         bad = pred[pred > max_pred_id]
         raise LabelError("pred_ids", f"prediction uses id {int(bad[0])}, outside 0..{max_pred_id}")

@@ -17,7 +17,7 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 import torch

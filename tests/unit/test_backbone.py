@@ -5,13 +5,6 @@ import torch.nn.functional as F
 from lussray.models.backbone import ResNetBackbone, stage_name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a small shared machine (10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_resnet18_stage_shapes_at_96px():

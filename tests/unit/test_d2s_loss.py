@@ -6,13 +6,6 @@ from lussray.methods.d2s_loss import d2s_loss
 from lussray.models.pass_model import PASSModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a small shared machine (10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_cross_view_against_explicit_formula():

@@ -6,13 +6,6 @@ from lussray.models.pass_model import PASSModel
 from lussray.optim.lars import LARS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a small shared machine (10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 B, FEAT, HIDDEN, K, G = 4, 32, 64, 20, 7
