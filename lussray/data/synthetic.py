@@ -40,8 +40,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from lussray.data.imagenet_s import IGNORE_ID, OTHER_ID, label_to_png_bytes, segmentation_dir
+from lussray.data.imagenet_s import (
+    IGNORE_ID,
+    OTHER_ID,
+    label_to_png_bytes,
+    segmentation_dir,
+)
 from lussray.errors import UserError
+from lussray.storage import write_bytes_atomic
 
 GENERATOR_VERSION = 1  # bump when the pixels change, so old folders no longer count as complete
 MANIFEST_NAME = "synth.json"
@@ -548,10 +554,7 @@ class _Chunk:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name, then rename: a killed run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(str(path), data)  # a killed run never leaves half a file
 
 
 def _generate_chunk(chunk: _Chunk) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -29,6 +28,7 @@ from PIL import Image
 
 from lussray.data.imagenet_s import MAX_ENCODABLE_ID, OTHER_ID, label_to_png_bytes
 from lussray.errors import UserError
+from lussray.storage import write_bytes_atomic
 
 PNG_SUFFIX = ".png"
 FOREGROUND_SUFFIX = ".npy"
@@ -93,19 +93,9 @@ def read_foreground(path: str | os.PathLike) -> np.ndarray:
     return scores.astype(np.float32, copy=False)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (parents created)."""
-    # An interrupted stage never leaves a truncated file that looks complete.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` so that ``path`` never holds a partial file (see :mod:`lussray.storage`)."""
+    write_bytes_atomic(str(path), data)
 
 
 def prediction_path(root: str | os.PathLike, key: str) -> Path:
