@@ -8,6 +8,8 @@ import sys
 import tarfile
 import time
 
+import pytest
+
 
 from lussray.cli import main
 from lussray.data.shards import read_manifest
@@ -98,3 +100,16 @@ def test_resume_after_killed_prepare(tmp_path):
     assert manifest["num_samples"] == 60 and manifest["num_shards"] == 60
     for name, mtime in finished.items():
         assert (done_dir / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+
+
+def test_damaged_shard_is_named_before_streaming(tmp_path):
+    from lussray.data.shards import shard_paths
+    from lussray.errors import UserError
+
+    src = make_tree(tmp_path / "tree", per_class=2)
+    assert _prepare(src, tmp_path / "out") == 0
+    assert len(shard_paths(str(tmp_path / "out"), "train")) == 1
+    shard = tmp_path / "out" / "train" / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(UserError, match="train-000000.tar is damaged"):
+        shard_paths(str(tmp_path / "out"), "train")

@@ -30,6 +30,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ class ShardPlan:
     def name(self) -> str:
         return f"{self.split}-{self.index:06d}.tar"
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Identifies the plan, so that a resumed run never keeps a shard of another plan."""
         digest = hashlib.sha256()
@@ -337,6 +338,19 @@ def read_manifest(data: str, split: str) -> dict[str, Any]:
 
 
 def shard_paths(data: str, split: str) -> list[str]:
-    """Paths (or URIs) of the shards of ``split``, in order."""
+    """Paths (or URIs) of the shards of ``split``, in order, after checking them against the manifest.
+
+    Raises:
+        UserError: naming the first shard that is missing or whose size differs from the manifest
+            (a truncated copy); run ``lussray prepare`` again or restore it.
+    """
     manifest = read_manifest(data, split)
-    return [storage.join(data, split, shard["name"]) for shard in manifest["shards"]]
+    paths = []
+    for shard in manifest["shards"]:
+        path = storage.join(data, split, shard["name"])
+        size = storage.file_size(path)
+        if size != shard["bytes"]:
+            found = "missing" if size is None else f"{size} bytes"
+            raise UserError(f"shard {path} is damaged: manifest says {shard['bytes']} bytes, found {found}")
+        paths.append(path)
+    return paths
