@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lussray.data.shards", "pack an ImageNet-S folder tree into webdataset shards"),
     "peek": ("lussray.data.ingest", "stream a few batches of a Ray Data pipeline and describe them"),
     "train": ("lussray.stages.pretrain", "stage 1: PASS representation learning on Ray Train"),
+    "attention": ("lussray.stages.attention", "stage 2.1: pixel attention on the frozen backbone"),
+    "labelgen": ("lussray.stages.labelgen", "stage 2.2-2.4: embeddings, sharded k-means, pseudo labels"),
+    "distmatch": ("lussray.stages.distmatch", "distance-matching protocol (kNN on train-semi instances)"),
+    "semisup": ("lussray.stages.semisup", "semi-supervised protocol (fine-tune on train-semi ground truth)"),
     "evaluate": ("lussray.eval.evaluate", "score predictions as the official ImageNet-S evaluator does"),
 }
 

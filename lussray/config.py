@@ -181,6 +181,45 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    """Inference of a segmentation model over a split (actor pool), optional dense CRF."""
+
+    max_res: int = 1000  # images with H*W > max_res^2 are predicted at height max_res, then resized
+    actor_pool_min: int = 1
+    actor_pool_max: int = 1
+    gpus_per_actor: float = 0.0
+    batch_size: int = 16
+    crf: bool = False
+    crf_iterations: int = 10
+    crf_pos_xy_std: float = 1.0
+    crf_pos_w: float = 3.0
+    crf_bi_xy_std: float = 67.0
+    crf_bi_rgb_std: float = 3.0
+    crf_bi_w: float = 4.0
+    crf_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class DistmatchConfig:
+    """Distance-matching protocol: weighted kNN of pixels against train-semi instance embeddings."""
+
+    k: int = 10
+    temperature: float = 0.07
+    actor_pool_min: int = 1
+    actor_pool_max: int = 1
+    gpus_per_actor: float = 0.0
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class SemisupConfig:
+    """Semi-supervised protocol: fine-tuning on train-semi ground truth (ignore 1000)."""
+
+    min_scale: float = 0.14
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=100))
+
+
+@dataclass(frozen=True)
 class LussConfig:
     """The whole resolved configuration of a lussray run."""
 
@@ -192,6 +231,9 @@ class LussConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     labelgen: LabelgenConfig = field(default_factory=LabelgenConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    distmatch: DistmatchConfig = field(default_factory=DistmatchConfig)
+    semisup: SemisupConfig = field(default_factory=SemisupConfig)
 
 
 def available_datasets() -> list[str]:
