@@ -139,6 +139,21 @@ def _restore(model, optimizer, scaler, method) -> int:
     return int(state["step"])
 
 
+def latest_checkpoint(stage_dir: str) -> Optional[str]:
+    """Path of the newest ``checkpoint.pt`` under ``<run>/<stage>``, or None if there is none."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(stage_dir)
+    selector = pafs.FileSelector(root, allow_not_found=True)
+    folders = sorted(info.base_name for info in fs.get_file_info(selector)
+                     if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_step="))
+    for folder in reversed(folders):
+        path = storage.join(stage_dir, folder, CHECKPOINT_FILE)
+        if storage.exists(path):
+            return path
+    return None
+
+
 def state_fingerprint(checkpoint_state: dict[str, Any]) -> float:
     """A scalar summary of the optimizer and method state (to check that a resume restored them)."""
     total = 0.0
