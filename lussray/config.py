@@ -157,6 +157,7 @@ class LabelgenConfig:
     """Stage 2.2-2.4: embeddings, sharded k-means, the "other" threshold, pseudo labels."""
 
     num_clusters: Optional[int] = None  # None: the dataset's num_classes
+    crop_size: int = 224  # clustering embeds Resize(ingest.eval_short_side) + CenterCrop(crop_size)
     tau: Optional[float] = None  # fixed "other" threshold; None: sweep on validation
     tau_min: float = 0.0
     tau_max: float = 0.8
@@ -169,8 +170,10 @@ class LabelgenConfig:
     actor_pool_min: int = 1
     actor_pool_max: int = 1
     gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 0  # intra-op threads per actor; 0 keeps torch's default
     batch_size: int = 64
-    write_png_tree: bool = False
+    write_png_tree: bool = False  # also write the official <wnid>/<name>.png tree of the pseudo labels
 
 
 @dataclass(frozen=True)

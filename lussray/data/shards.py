@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
@@ -134,40 +134,66 @@ def _sample_members(sample: Sample, class_id: int, split: str) -> dict[str, byte
     return members
 
 
-def write_shard(plan: ShardPlan, out_dir: str, class_ids: dict[str, int]) -> dict[str, Any]:
-    """Write one shard (atomically) and its ``.done.json`` record; return the record."""
-    skipped = []
-    num_samples = 0
+def write_tar(samples: Iterable[tuple[str, dict[str, bytes]]], path: str) -> dict[str, Any]:
+    """Write ``(key, {suffix: bytes})`` samples as a webdataset tar at ``path``, atomically.
+
+    Returns:
+        ``{"num_samples", "bytes", "sha256"}`` of the written shard.
+    """
     with tempfile.NamedTemporaryFile(prefix=".tmp-", suffix=".tar", delete=False) as handle:
         local_tmp = handle.name
     digest = hashlib.sha256()
+    num_samples = 0
     try:
         with tarfile.open(local_tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in plan.samples:
-                try:
-                    members = _sample_members(sample, class_ids[sample.wnid], plan.split)
-                except (OSError, ValueError) as error:
-                    skipped.append({"key": sample.key, "path": str(sample.image_path), "reason": str(error)})
-                    continue
+            for key, members in samples:
                 for suffix, data in members.items():
-                    _tar_add(tar, f"{sample.key}.{suffix}", data)
+                    _tar_add(tar, f"{key}.{suffix}", data)
                 num_samples += 1
         with open(local_tmp, "rb") as written:
             for chunk in iter(lambda: written.read(8 << 20), b""):
                 digest.update(chunk)
         size = os.path.getsize(local_tmp)
-        storage.put_file(local_tmp, storage.join(out_dir, plan.name))
+        storage.put_file(local_tmp, path)
     finally:
         if os.path.exists(local_tmp):
             os.unlink(local_tmp)
-    record = {
-        "name": plan.name,
-        "num_samples": num_samples,
-        "bytes": size,
-        "sha256": digest.hexdigest(),
-        "fingerprint": plan.fingerprint,
-        "skipped": skipped,
-    }
+    return {"num_samples": num_samples, "bytes": size, "sha256": digest.hexdigest()}
+
+
+def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The ``(key, {suffix: bytes})`` samples of a webdataset tar, streamed in order."""
+    fs, inner = storage.filesystem(path)
+    key, members = None, {}
+    with fs.open_input_stream(inner) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            folder, _, base = info.name.rpartition("/")
+            stem, _, suffix = base.partition(".")
+            member_key = f"{folder}/{stem}" if folder else stem
+            if member_key != key and key is not None:
+                yield key, members
+                members = {}
+            key = member_key
+            members[suffix] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def write_shard(plan: ShardPlan, out_dir: str, class_ids: dict[str, int]) -> dict[str, Any]:
+    """Write one shard (atomically) and its ``.done.json`` record; return the record."""
+    skipped = []
+
+    def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+        for sample in plan.samples:
+            try:
+                yield sample.key, _sample_members(sample, class_ids[sample.wnid], plan.split)
+            except (OSError, ValueError) as error:
+                skipped.append({"key": sample.key, "path": str(sample.image_path), "reason": str(error)})
+
+    written = write_tar(samples(), storage.join(out_dir, plan.name))
+    record = {"name": plan.name, **written, "fingerprint": plan.fingerprint, "skipped": skipped}
     storage.write_json_atomic(storage.join(out_dir, plan.name + ".done.json"), record)
     return record
 

@@ -106,6 +106,11 @@ def sample_at_grid(features: Tensor, grid: Tensor) -> Tensor:
     return F.grid_sample(features, grid.to(features.dtype), mode="bilinear", align_corners=False)
 
 
+def upsample_features(features: Tensor, factor: int = 4) -> Tensor:
+    """Bilinear x4 upsampling of the c4 map used by every pixel-attention path (stride 32 -> 8)."""
+    return F.interpolate(features, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
 class PASSModel(nn.Module):
     """Backbone plus the heads of PASS [0].
 
@@ -204,3 +209,74 @@ class PASSModel(nn.Module):
             _, logits = self.shallow_heads[str(s)](first[stage_name(s)], self.prototypes.weight)
             shallow_logits[s] = logits.split(batch)
         return PASSOutput(embeddings.split(batch), scores.split(batch), projections, predictions, shallow_logits)
+
+    def attention_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Upsampled c4 features and their pixel attention (section 2.1 of the reference notes).
+
+        Args:
+            images: Normalised float images, (B, 3, H, W).
+
+        Returns:
+            ``(features, attention)``: the raw (un-normalised) c4 map upsampled x4, (B, C, H/8, W/8),
+            and the attention ``fbg(normalize(features))`` in (0, 1) of the same shape.
+
+        Raises:
+            RuntimeError: If the model was built without pixel attention.
+        """
+        if self.pixel_attention is None:
+            raise RuntimeError("this PASSModel has no pixel attention (build it with pixel_attention=True)")
+        features = upsample_features(self.backbone(images)["c4"])
+        return features, self.pixel_attention(F.normalize(features, dim=1, p=2))
+
+    def cluster_embedding(self, images: Tensor) -> Tensor:
+        """The image embedding that label generation clusters: mean over pixels of features * attention.
+
+        The reference pools the *raw* features here, but the L2-normalised ones in training.
+
+        Args:
+            images: Normalised float images, (B, 3, H, W).
+
+        Returns:
+            (B, C) embeddings (not normalised).
+        """
+        features, attention = self.attention_maps(images)
+        return (features * attention).mean(dim=(2, 3))
+
+
+class PixelAttentionModel(PASSModel):
+    """PASS with pixel attention, for stage 2.1: only the attention module and prototypes learn.
+
+    The forward pools the L2-normalised upsampled c4 map weighted by its attention, then goes
+    through the frozen projection head to the prototypes, so the SwAV loss of stage 1 trains the
+    attention. The state dict has the keys of :class:`PASSModel` (plus ``pixel_attention.*``),
+    so labelgen loads it into a ``PASSModel(pixel_attention=True)``. Frozen modules still run in
+    train mode: backbone BatchNorm uses batch statistics, as in the reference.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        """Build the model; ``kwargs`` are those of :class:`PASSModel` (without ``pixel_attention``)."""
+        super().__init__(**kwargs, pixel_attention=True)
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        for module in (self.pixel_attention, self.prototypes):
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+
+    def forward(self, views: Sequence[Tensor], grids: tuple[Tensor, Tensor] | None = None) -> PASSOutput:
+        """Attention-pooled SwAV branch for every view (no P2P, no D2S).
+
+        Args:
+            views: Normalised float views, each (B, 3, S, S); equal sizes consecutive.
+            grids: Ignored (part of the shared signature).
+
+        Returns:
+            A :class:`PASSOutput` with embeddings and scores only.
+        """
+        batch = views[0].shape[0]
+        pooled = []
+        for start, end in resolution_groups(views):
+            features, attention = self.attention_maps(torch.cat(list(views[start:end])))
+            pooled.append((F.normalize(features, dim=1, p=2) * attention).mean(dim=(2, 3)))
+        embeddings = F.normalize(self.projection_head(torch.cat(pooled)), dim=1, p=2)
+        scores = self.prototypes(embeddings)
+        return PASSOutput(embeddings.split(batch), scores.split(batch), None, None, {})

@@ -1,0 +1,49 @@
+"""Pixel-level pseudo labels from centroids and pixel attention (stage 2.3 of the reference).
+
+Per image, at stride 8: cosine similarity of every L2-normalised pixel feature to the
+L2-normalised centroids gives ids 1..K (argmax + 1), nearest-upsampled to the image size; the
+foreground score is the channel mean of the pixel attention, bilinearly upsampled; pixels whose
+score is below tau become 0 ("other"). Pure torch, no Ray.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def assign_pixels(features: Tensor, centroids: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest centroid (cosine) of every pixel, upsampled (nearest) to ``size``.
+
+    Args:
+        features: Pixel features, (B, C, h, w) (raw; normalised here).
+        centroids: (K, C) centroids (normalised here).
+        size: Output (H, W).
+
+    Returns:
+        int64 ids in 1..K, (B, H, W).
+    """
+    similarity = torch.einsum("bchw,kc->bkhw", F.normalize(features.float(), dim=1),
+                              F.normalize(centroids.float(), dim=1))
+    ids = similarity.argmax(dim=1, keepdim=True).float() + 1
+    return F.interpolate(ids, size=size, mode="nearest").squeeze(1).long()
+
+
+def foreground_scores(attention: Tensor, size: tuple[int, int]) -> Tensor:
+    """Channel mean of the pixel attention, bilinearly upsampled to ``size``: (B, H, W) float32."""
+    scores = attention.float().mean(dim=1, keepdim=True)
+    return F.interpolate(scores, size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def apply_threshold(ids: np.ndarray, scores: np.ndarray, tau: float) -> np.ndarray:
+    """Set pixels whose foreground score is below ``tau`` to 0 ("other"); returns int32 labels."""
+    labels = ids.astype(np.int32, copy=True)
+    labels[scores < tau] = 0
+    return labels
+
+
+def label_histogram(labels: np.ndarray, num_clusters: int) -> np.ndarray:
+    """Pixel counts of ids 0..K (int64, length K + 1)."""
+    return np.bincount(labels.ravel(), minlength=num_clusters + 1)[: num_clusters + 1].astype(np.int64)

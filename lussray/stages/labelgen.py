@@ -1,0 +1,482 @@
+"""Stages 2.2-2.4: embeddings, sharded k-means, the "other" threshold, pixel pseudo labels.
+
+    lussray labelgen --dataset synthetic-demo --data demo-out/shards --run demo-out/run
+    lussray labelgen --dataset imagenet-s919 --data s3://bucket/s919-shards --run s3://bucket/runs/s919
+
+Reads the latest ``<run>/attention`` checkpoint (or ``--checkpoint``) and writes under
+``<run>/labelgen/``:
+
+1. ``embeddings/<shard>.parquet``: the attention-pooled embedding of every training image
+   (Resize + CenterCrop as the reference's clustering), one file per input shard, written by an
+   actor pool (``map_batches`` with a callable class: the model is loaded once per actor).
+2. ``centroids.npy`` + ``kmeans.json``: k-means with K categories over Ray actors that each hold
+   only their part of the embeddings (:func:`lussray.cluster.kmeans.sharded_kmeans`).
+3. ``tau.json``: the "other" threshold, swept on validation against its ground truth with the
+   evaluator's one-pass sweep, or fixed by ``labelgen.tau`` / ``--tau`` (data without ground truth).
+4. ``pseudo/train/<shard>.tar`` (+ ``.done.json``, then ``manifest.json``): every training image
+   paired with its pixel pseudo label (ids 0..K, 0 = other) in the format of ``lussray prepare``,
+   so fine-tuning streams them as it streams ground truth; optionally the official PNG tree.
+5. ``summary.json`` (last): images, times, label histogram, tau, and the pseudo labels' own
+   metrics on train-semi when it has ground truth.
+
+Every output is written atomically and a rerun skips what is complete (per shard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from lussray import storage
+from lussray.config import LussConfig
+from lussray.data.shards import MANIFEST, FORMAT_VERSION, read_manifest, shard_paths
+from lussray.errors import UserError
+
+STAGE = "labelgen"
+ATTENTION_STAGE = "attention"
+DONE = ".done.json"
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files of ``<run>/labelgen``."""
+
+    root: str
+
+    @property
+    def embeddings(self) -> str:
+        return storage.join(self.root, "embeddings")
+
+    def embedding_file(self, shard_name: str) -> str:
+        return storage.join(self.embeddings, shard_name.replace(".tar", ".parquet"))
+
+    @property
+    def centroids(self) -> str:
+        return storage.join(self.root, "centroids.npy")
+
+    @property
+    def kmeans(self) -> str:
+        return storage.join(self.root, "kmeans.json")
+
+    @property
+    def tau(self) -> str:
+        return storage.join(self.root, "tau.json")
+
+    @property
+    def pseudo(self) -> str:
+        """Shards root of the pseudo labels: stream ``(pseudo, "train")`` like prepared data."""
+        return storage.join(self.root, "pseudo")
+
+    @property
+    def png_tree(self) -> str:
+        return storage.join(self.root, "png", "train")
+
+    @property
+    def inputs(self) -> str:
+        return storage.join(self.root, "inputs.json")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "summary.json")
+
+
+# -- actors (one model per actor; one call per input shard) ------------------------------------
+
+
+class _ModelActor:
+    """Loads the stage-2 network once; subclasses process whole shards."""
+
+    def __init__(self, checkpoint: str, model_kwargs: dict[str, Any], short_side: int, torch_threads: int) -> None:
+        import torch
+
+        from lussray.models.checkpoints import load_pretrained
+        from lussray.models.pass_model import PASSModel
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = PASSModel(**model_kwargs, pixel_attention=True)
+        report = load_pretrained(model, checkpoint)
+        if any(key.startswith("pixel_attention.") for key in report.missing):
+            raise UserError(f"{checkpoint} holds no pixel attention: pass a `lussray attention` checkpoint")
+        self.model = model.eval().to(self.device)
+        self.short_side = short_side
+
+    def _normalize(self, images: np.ndarray):
+        import torch
+
+        from lussray.data.augment import IMAGENET_MEAN, IMAGENET_STD
+        from lussray.stages.pretrain import normalize_views
+
+        return normalize_views(torch.from_numpy(images).to(self.device), IMAGENET_MEAN, IMAGENET_STD)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [self.process({name: batch[name][i] for name in batch}) for i in range(len(batch["shard"]))]
+        return {name: [row[name] for row in rows] for name in rows[0]}
+
+    def process(self, job: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class EmbedShards(_ModelActor):
+    """Step 1: one parquet of ``(key, embedding)`` per training shard."""
+
+    def __init__(self, *args, crop_size: int, batch_size: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.crop_size, self.batch_size = crop_size, batch_size
+
+    def process(self, job: dict[str, Any]) -> dict[str, Any]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
+
+        from lussray.data.augment import center_crop, decode_image, resize_shorter_side
+        from lussray.data.shards import iter_tar
+
+        started = time.perf_counter()
+        keys, chunks, pending = [], [], []
+
+        def flush() -> None:
+            crops = np.stack([center_crop(resize_shorter_side(decode_image(data), self.short_side), self.crop_size)
+                              for data in pending])
+            with torch.inference_mode():
+                chunks.append(self.model.cluster_embedding(self._normalize(crops)).float().cpu().numpy())
+            pending.clear()
+
+        for key, members in iter_tar(str(job["shard"])):
+            keys.append(key)
+            pending.append(members["jpg"])
+            if len(pending) == self.batch_size:
+                flush()
+        if pending:
+            flush()
+        embeddings = np.concatenate(chunks).astype(np.float32)
+        table = pa.table({"key": pa.array(keys, pa.string()),
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()),
+                                                                         embeddings.shape[1])})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_bytes_atomic(str(job["out"]), buffer.getvalue())
+        return {"shard": str(job["shard"]), "num_images": len(keys), "seconds": time.perf_counter() - started}
+
+
+class LabelShards(_ModelActor):
+    """Steps 3-4: pixel labels of whole shards.
+
+    ``mode == "write"``: a pseudo-label shard (image bytes + label PNG) and its ``.done.json``.
+    ``mode == "stats"``: the evaluator's per-image statistics against the shard's ground truth at
+    the thresholds ``taus`` (pickled, for the driver's :class:`~lussray.eval.sweep.TauSweep`).
+    """
+
+    def __init__(self, *args, centroids: np.ndarray, tau: float, num_classes: int,
+                 taus: Optional[list[float]] = None, png_root: Optional[str] = None, **kwargs) -> None:
+        import torch
+
+        super().__init__(*args, **kwargs)
+        self.centroids = torch.from_numpy(np.asarray(centroids, np.float32)).to(self.device)
+        self.tau, self.num_classes, self.taus, self.png_root = tau, num_classes, taus, png_root
+
+    def pixel_maps(self, jpeg: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster ids (1..K) and foreground scores at the image's own resolution."""
+        import torch
+
+        from lussray.cluster.pixel_labels import assign_pixels, foreground_scores
+        from lussray.data.augment import decode_image, resize_shorter_side
+
+        image = decode_image(jpeg)
+        size = image.shape[:2]
+        with torch.inference_mode():
+            features, attention = self.model.attention_maps(self._normalize(resize_shorter_side(image, self.short_side)[None]))
+            ids = assign_pixels(features, self.centroids, size)[0]
+            scores = foreground_scores(attention, size)[0]
+        return ids.cpu().numpy(), scores.cpu().numpy()
+
+    def process(self, job: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        result = self._stats(job) if job["mode"] == "stats" else self._write(job)
+        return {"shard": str(job["shard"]), **result, "seconds": time.perf_counter() - started}
+
+    def _stats(self, job: dict[str, Any]) -> dict[str, Any]:
+        from lussray.data.imagenet_s import label_from_png_bytes
+        from lussray.data.shards import iter_tar
+        from lussray.eval.stats import image_stats
+
+        stats = []
+        for key, members in iter_tar(str(job["shard"])):
+            if "seg.png" not in members:
+                continue
+            ids, scores = self.pixel_maps(members["jpg"])
+            stats.append(image_stats(ids, label_from_png_bytes(members["seg.png"]), self.num_classes,
+                                     scores=scores, taus=np.asarray(self.taus), key=key))
+        return {"num_images": len(stats), "stats": pickle.dumps(stats)}
+
+    def _write(self, job: dict[str, Any]) -> dict[str, Any]:
+        from lussray.cluster.pixel_labels import apply_threshold, label_histogram
+        from lussray.data.imagenet_s import label_to_png_bytes
+        from lussray.data.shards import iter_tar, write_tar
+
+        num_clusters = self.centroids.shape[0]
+        histogram = np.zeros(num_clusters + 1, np.int64)
+
+        def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+            for key, members in iter_tar(str(job["shard"])):
+                ids, scores = self.pixel_maps(members["jpg"])
+                labels = apply_threshold(ids, scores, self.tau)
+                histogram[:] += label_histogram(labels, num_clusters)
+                png = label_to_png_bytes(labels)
+                if self.png_root:
+                    storage.write_bytes_atomic(storage.join(self.png_root, f"{key}.png"), png)
+                yield key, {"jpg": members["jpg"], "seg.png": png, **({"json": members["json"]} if "json" in members else {})}
+
+        out = str(job["out"])
+        record = {"name": os.path.basename(out), **write_tar(samples(), out), "histogram": histogram.tolist()}
+        storage.write_json_atomic(out + DONE, record)
+        return {"num_images": record["num_samples"], "stats": b""}
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+
+def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, Any], config: LussConfig,
+               what: str) -> Iterator[dict[str, Any]]:
+    """Run ``actor`` over ``jobs`` (one row per shard) on an autoscaling actor pool; yield results."""
+    import ray.data
+
+    if not jobs:
+        return
+    cfg = config.labelgen
+    dataset = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
+        actor,
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.actor_pool_min, max_size=cfg.actor_pool_max),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+    )
+    started, images = time.perf_counter(), 0
+    for done, row in enumerate(dataset.iter_rows(), start=1):
+        images += int(row["num_images"])
+        elapsed = time.perf_counter() - started
+        print(f"[{STAGE}] {what}: shard {done}/{len(jobs)} {os.path.basename(str(row['shard']))} "
+              f"({images} images, {images / max(elapsed, 1e-9):.1f} img/s, "
+              f"ETA {elapsed / done * (len(jobs) - done):.0f} s)", flush=True)
+        yield row
+
+
+def attention_checkpoint(run: str, given: Optional[str]) -> str:
+    """``--checkpoint`` if given, else the latest ``<run>/attention`` checkpoint."""
+    from lussray.stages.loop import latest_checkpoint
+
+    if given:
+        if not storage.exists(given):
+            raise UserError(f"--checkpoint {given}: no such file")
+        return given
+    found = latest_checkpoint(storage.join(run, ATTENTION_STAGE))
+    if found is None:
+        raise UserError(f"no pixel-attention checkpoint under {storage.join(run, ATTENTION_STAGE)}: "
+                        f"run `lussray attention` first or pass --checkpoint")
+    return found
+
+
+def _check_inputs(outputs: Outputs, inputs: dict[str, Any]) -> None:
+    """Refuse to mix outputs of another checkpoint or clustering setup into this folder."""
+    if storage.exists(outputs.inputs):
+        previous = storage.read_json(outputs.inputs)
+        if previous != inputs:
+            changed = sorted(k for k in inputs if previous.get(k) != inputs[k])
+            raise UserError(f"{outputs.root} was produced with other inputs ({', '.join(changed)} differ): "
+                            f"use a new --run folder or delete {outputs.root}")
+    else:
+        storage.write_json_atomic(outputs.inputs, inputs)
+
+
+def embed(config: LussConfig, data: str, outputs: Outputs, actor_args: tuple) -> list[str]:
+    """Step 1; returns the embedding files of all training shards."""
+    shards = shard_paths(data, "train")
+    files = [outputs.embedding_file(os.path.basename(path)) for path in shards]
+    jobs = [{"shard": shard, "out": out} for shard, out in zip(shards, files) if not storage.exists(out)]
+    if len(jobs) < len(shards):
+        print(f"[{STAGE}] embed: {len(shards) - len(jobs)} of {len(shards)} shards already embedded", flush=True)
+    kwargs = dict(zip(("checkpoint", "model_kwargs", "short_side", "torch_threads"), actor_args),
+                  crop_size=config.labelgen.crop_size, batch_size=config.labelgen.batch_size)
+    for _ in map_shards(jobs, EmbedShards, kwargs, config, "embed"):
+        pass
+    return files
+
+
+def cluster(config: LussConfig, files: list[str], outputs: Outputs, num_clusters: int) -> np.ndarray:
+    """Step 2: sharded k-means (skipped when ``centroids.npy`` exists)."""
+    from lussray.cluster.kmeans import sharded_kmeans
+
+    if storage.exists(outputs.centroids):
+        print(f"[{STAGE}] kmeans: done before, {outputs.centroids}", flush=True)
+        return np.load(io.BytesIO(storage.read_bytes(outputs.centroids)))
+    cfg = config.labelgen
+    result = sharded_kmeans(files, num_clusters, num_actors=cfg.kmeans_actors, niter=cfg.kmeans_iterations,
+                            nredo=cfg.kmeans_redo, seed=cfg.kmeans_seed, spherical=cfg.spherical,
+                            normalize_rows=True, gpus_per_actor=cfg.gpus_per_actor)
+    buffer = io.BytesIO()
+    np.save(buffer, result.centroids.astype(np.float32))
+    storage.write_json_atomic(outputs.kmeans, {
+        "num_clusters": num_clusters, "num_points": result.num_points, "dim": result.dim,
+        "objective": result.objective, "iteration_objectives": result.iteration_objectives,
+        "seconds": result.seconds, "actors": cfg.kmeans_actors, "redo": cfg.kmeans_redo})
+    storage.write_bytes_atomic(outputs.centroids, buffer.getvalue())
+    print(f"[{STAGE}] kmeans: K={num_clusters} over {result.num_points} images, objective {result.objective:.4g}, "
+          f"{result.seconds:.1f} s", flush=True)
+    return result.centroids
+
+
+def sweep_metrics(config: LussConfig, data: str, split: str, label_kwargs: dict[str, Any], taus: list[float]):
+    """Evaluator statistics of the pixel labels of ``split`` at ``taus`` (a SweepResult)."""
+    from lussray.eval.sweep import TauSweep
+
+    sweep = TauSweep(config.dataset.num_classes, taus)
+    jobs = [{"shard": shard, "out": "", "mode": "stats"} for shard in shard_paths(data, split)]
+    for row in map_shards(jobs, LabelShards, {**label_kwargs, "taus": taus}, config, f"{split} statistics"):
+        for stats in pickle.loads(row["stats"]):
+            sweep.add(stats)
+    return sweep.result()
+
+
+def choose_tau(config: LussConfig, data: str, outputs: Outputs, label_kwargs: dict[str, Any],
+               fixed: Optional[float]) -> float:
+    """Step 3: a fixed tau, or the best of the validation sweep (recorded in ``tau.json``)."""
+    if fixed is not None:
+        if storage.exists(outputs.tau) and storage.read_json(outputs.tau)["tau"] != fixed:
+            raise UserError(f"{outputs.tau} records another tau; use a new --run folder to relabel")
+        storage.write_json_atomic(outputs.tau, {"tau": fixed, "source": "fixed"})
+        return fixed
+    if storage.exists(outputs.tau):
+        return float(storage.read_json(outputs.tau)["tau"])
+    manifest = read_manifest(data, "validation")
+    if not manifest.get("has_segmentation"):
+        raise UserError(f"the validation split of {data} has no ground truth to sweep tau: set labelgen.tau")
+    cfg = config.labelgen
+    taus = [round(t, 4) for t in np.arange(cfg.tau_min, cfg.tau_max + cfg.tau_step / 2, cfg.tau_step)]
+    result = sweep_metrics(config, data, "validation", label_kwargs, taus)
+    storage.write_json_atomic(outputs.tau, {"tau": result.best_tau, "source": "validation sweep",
+                                            "best": result.best.summary(), "curve": result.curve()})
+    print(f"[{STAGE}] tau: {result.best_tau:.2f} (validation mIoU {result.best.miou:.2f} "
+          f"over {len(taus)} thresholds)", flush=True)
+    return result.best_tau
+
+
+def write_pseudo_labels(config: LussConfig, data: str, outputs: Outputs, label_kwargs: dict[str, Any],
+                        num_clusters: int) -> dict[str, Any]:
+    """Step 4: the pseudo-label shards and their manifest (skipping shards already written)."""
+    out_dir = storage.join(outputs.pseudo, "train")
+    manifest_path = storage.join(out_dir, MANIFEST)
+    if storage.exists(manifest_path):
+        print(f"[{STAGE}] pseudo labels: complete, {manifest_path}", flush=True)
+        return storage.read_json(manifest_path)
+    shards = shard_paths(data, "train")
+    records: dict[str, dict[str, Any]] = {}
+    jobs = []
+    for shard in shards:
+        out = storage.join(out_dir, os.path.basename(shard))
+        if storage.exists(out + DONE) and storage.file_size(out) == storage.read_json(out + DONE)["bytes"]:
+            records[out] = storage.read_json(out + DONE)
+        else:
+            jobs.append({"shard": shard, "out": out, "mode": "write"})
+    if records:
+        print(f"[{STAGE}] pseudo labels: resuming, {len(records)} of {len(shards)} shards already written", flush=True)
+    for row in map_shards(jobs, LabelShards, label_kwargs, config, "pseudo labels"):
+        out = storage.join(out_dir, os.path.basename(str(row["shard"])))
+        records[out] = storage.read_json(out + DONE)
+    ordered = [records[storage.join(out_dir, os.path.basename(shard))] for shard in shards]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_by": "lussray labelgen",
+        "source": data,
+        "split": "train",
+        "num_classes": num_clusters,
+        "num_samples": sum(record["num_samples"] for record in ordered),
+        "num_shards": len(ordered),
+        "has_segmentation": True,
+        "shards": [{key: record[key] for key in ("name", "num_samples", "bytes", "sha256")} for record in ordered],
+        "histogram": np.sum([record["histogram"] for record in ordered], axis=0).tolist(),
+        "skipped": [],
+    }
+    storage.write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``lussray labelgen``."""
+    parser.add_argument("--checkpoint", help="pixel-attention checkpoint (default: the latest under <run>/attention)")
+    parser.add_argument("--tau", type=float, help="fixed 'other' threshold (default: labelgen.tau, else a sweep)")
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """Generate the pseudo labels of ``--data`` into ``<run>/labelgen``."""
+    from lussray.data.ingest import init_ray
+
+    if not args.data or not args.run:
+        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
+    data, run_root = (path if storage.is_uri(path) else os.path.abspath(path) for path in (args.data, args.run))
+    outputs = Outputs(storage.join(run_root, STAGE))
+    checkpoint = attention_checkpoint(run_root, args.checkpoint)
+    cfg, pre = config.labelgen, config.pretrain
+    num_clusters = cfg.num_clusters or config.dataset.num_classes
+    tau = args.tau if args.tau is not None else cfg.tau
+    if tau is None and num_clusters != config.dataset.num_classes:
+        raise UserError(f"the tau sweep needs K = num_classes ({num_clusters} != {config.dataset.num_classes}): "
+                        f"set labelgen.tau")
+    if storage.exists(outputs.summary):
+        print(f"[{STAGE}] complete: {outputs.summary}", flush=True)
+        return 0
+    storage.makedirs(outputs.root)
+    _check_inputs(outputs, {"checkpoint": checkpoint, "num_clusters": num_clusters, "crop_size": cfg.crop_size,
+                            "short_side": config.ingest.eval_short_side, "spherical": cfg.spherical,
+                            "seed": cfg.kmeans_seed, "data": data})
+    init_ray(config.ray)
+    started = time.perf_counter()
+    model_kwargs = {"arch": pre.arch, "hidden_dim": pre.hidden_mlp, "feat_dim": pre.feat_dim,
+                    "num_prototypes": pre.num_prototypes, "shallow_stages": []}
+    actor_args = (checkpoint, model_kwargs, config.ingest.eval_short_side, cfg.torch_threads)
+    files = embed(config, data, outputs, actor_args)
+    centroids = cluster(config, files, outputs, num_clusters)
+    label_kwargs = {**dict(zip(("checkpoint", "model_kwargs", "short_side", "torch_threads"), actor_args)),
+                    "centroids": centroids, "tau": 0.0, "num_classes": config.dataset.num_classes}
+    tau = choose_tau(config, data, outputs, label_kwargs, tau)
+    label_kwargs["tau"] = tau
+    if cfg.write_png_tree:
+        label_kwargs["png_root"] = outputs.png_tree
+    manifest = write_pseudo_labels(config, data, outputs, label_kwargs, num_clusters)
+    summary = {"images": manifest["num_samples"], "num_clusters": num_clusters, "tau": tau,
+               "histogram": manifest["histogram"], "checkpoint": checkpoint,
+               "seconds": round(time.perf_counter() - started, 1)}
+    if _has_ground_truth(data, "train-semi"):
+        semi = sweep_metrics(config, data, "train-semi", label_kwargs, [tau]).best
+        summary["train_semi"] = semi.summary()
+    storage.write_json_atomic(outputs.summary, summary)
+    _print_summary(summary, outputs)
+    return 0
+
+
+def _has_ground_truth(data: str, split: str) -> bool:
+    try:
+        return bool(read_manifest(data, split).get("has_segmentation"))
+    except UserError:
+        return False
+
+
+def _print_summary(summary: dict[str, Any], outputs: Outputs) -> None:
+    histogram = np.asarray(summary["histogram"], np.float64)
+    shares = ", ".join(f"{i}: {100 * v / max(histogram.sum(), 1):.1f}%" for i, v in enumerate(histogram))
+    print(f"[{STAGE}] done: {summary['images']} images, K={summary['num_clusters']}, tau={summary['tau']:.2f}, "
+          f"{summary['seconds']:.0f} s", flush=True)
+    print(f"[{STAGE}] pixel share per id (0 = other): {shares}", flush=True)
+    if "train_semi" in summary:
+        print(f"[{STAGE}] pseudo labels on train-semi: {json.dumps(summary['train_semi'])}", flush=True)
+    print(f"[{STAGE}] pseudo-label shards: {outputs.pseudo} (stream with split 'train')", flush=True)

@@ -1,0 +1,33 @@
+"""Pixel pseudo labels: cosine assignment, foreground upsampling, threshold, histogram."""
+
+import numpy as np
+import torch
+
+from lussray.cluster.pixel_labels import apply_threshold, assign_pixels, foreground_scores, label_histogram
+
+
+def test_assign_pixels_is_cosine_argmax_plus_one_upsampled_nearest():
+    centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    features = torch.tensor([[[5.0, 0.0], [-3.0, 0.1]], [[0.1, 2.0], [0.0, -0.1]]]).unsqueeze(0)  # (1, 2, 2, 2)
+    # pixel (0,0) = (5, .1) -> 1; (0,1) = (0, 2) -> 2; (1,0) = (-3, 0) -> 3; (1,1) = (.1, -.1) -> 1
+    ids = assign_pixels(features, centroids * 7.0, (4, 4))
+    assert ids.shape == (1, 4, 4)
+    expected = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 1, 1], [3, 3, 1, 1]])
+    assert np.array_equal(ids[0].numpy(), expected)
+
+
+def test_foreground_scores_are_channel_means_bilinear():
+    attention = torch.stack([torch.full((2, 2), 0.2), torch.full((2, 2), 0.6)]).unsqueeze(0)
+    scores = foreground_scores(attention, (5, 3))
+    assert scores.shape == (1, 5, 3) and torch.allclose(scores, torch.full((1, 5, 3), 0.4))
+
+
+def test_threshold_sets_low_scores_to_other():
+    ids = np.array([[1, 2], [3, 4]])
+    scores = np.array([[0.1, 0.5], [0.39, 0.4]])
+    assert np.array_equal(apply_threshold(ids, scores, 0.4), [[0, 2], [0, 4]])
+    assert apply_threshold(ids, scores, 0.4).dtype == np.int32
+
+
+def test_histogram_counts_zero_to_k():
+    assert label_histogram(np.array([[0, 2], [2, 2]]), 3).tolist() == [1, 0, 3, 0]
