@@ -4,6 +4,12 @@ Everything that a stage writes for another stage (shards, manifests, run folders
 here, so nothing assumes a shared local disk. Writes are atomic: a file appears under its final
 name only when complete (local: write to a temporary name, then rename; object stores: a PUT
 becomes visible only when the upload completes).
+
+S3-compatible stores other than AWS (MinIO, Ceph, a local test server) are reached by setting
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g. ``http://minio:9000``) on the driver and, for
+a cluster, in the job's runtime environment; credentials come from the usual AWS variables or
+files. Ray Train gets the same filesystem object (``stages/loop.fit``), so checkpoints, shards and
+metrics all go to one endpoint.
 """
 
 from __future__ import annotations
@@ -31,10 +37,31 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base).joinpath(*parts))
 
 
+#: Environment variables naming an S3-compatible endpoint, most specific first (the AWS SDK names).
+S3_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint URL set in the environment, or None for AWS itself."""
+    for name in S3_ENDPOINT_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the filesystem-relative path of ``path``."""
+    """The pyarrow filesystem and the filesystem-relative path of ``path``.
+
+    An ``s3://`` path goes to :func:`s3_endpoint` when one is set: the endpoint is passed
+    explicitly because pyarrow releases differ in whether they read those variables themselves
+    (apache/arrow#49643), and the object pickles with it to Ray workers.
+    """
+    path = str(path)
     if is_uri(path):
-        return pafs.FileSystem.from_uri(str(path))
+        endpoint = s3_endpoint()
+        if endpoint and path.startswith("s3://"):
+            return pafs.S3FileSystem(endpoint_override=endpoint), path[len("s3://"):].rstrip("/")
+        return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 

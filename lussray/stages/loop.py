@@ -173,21 +173,44 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 class _MetricsLog:
-    """Rank 0's JSONL metrics and progress lines."""
+    """Rank 0's JSONL metrics and progress lines.
+
+    A local run folder gets one line appended per row. Object stores have no append, so there the
+    object's existing rows (a resumed run continues the same file) and the new ones are kept in
+    memory and the whole object is rewritten with one atomic PUT: for every event row, at the last
+    step, and otherwise at most every ``FLUSH_EVERY_S`` seconds (longer for a big file, so that
+    uploads stay a small share of training time: S919 pretraining logs about 20 MB). A killed
+    run loses at most that window of rows; checkpoints are not affected.
+    """
+
+    FLUSH_EVERY_S = 30.0
+    FLUSH_SECONDS_PER_MB = 5.0
 
     def __init__(self, run_dir: str, enabled: bool) -> None:
         self.enabled = enabled
         self.path = storage.join(run_dir, METRICS_FILE)
         self.local = not storage.is_uri(run_dir)
+        self._rows = bytearray()  # object stores only: the whole file as it should be
+        self._flushed_at = -math.inf
         if enabled and self.local:
             storage.makedirs(run_dir)
+        elif enabled and storage.exists(self.path):
+            self._rows += storage.read_bytes(self.path)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        line = json.dumps(row) + "\n"
         if self.local:
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+                handle.write(line)
+        else:
+            self._rows += line.encode()
+            now = time.monotonic()
+            interval = max(self.FLUSH_EVERY_S, self.FLUSH_SECONDS_PER_MB * len(self._rows) / 2**20)
+            if "event" in row or row.get("step") == row.get("total_steps") or now - self._flushed_at >= interval:
+                storage.write_bytes_atomic(self.path, bytes(self._rows))
+                self._flushed_at = now
         terms = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time")
         print(f"[{row['stage']}] step {row['step']}/{row['total_steps']} epoch {row['epoch']} {terms}", flush=True)
 
@@ -291,7 +314,12 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_
     ingest_options = ray.train.DataConfig.default_ingest_options()
     ingest_options.resource_limits = ingest_options.resource_limits.copy(
         object_store_memory=ingest_config.max_ahead_mb * 2**20)
-    storage_path = run_root if storage.is_uri(run_root) else os.path.abspath(run_root)
+    storage_filesystem = None
+    storage_path = os.path.abspath(run_root)
+    if storage.is_uri(run_root):
+        # Ray Train would resolve the URI with its own pyarrow call; give it lussray's filesystem
+        # (same endpoint as shards and metrics, see lussray.storage) and the prefix-less path.
+        storage_filesystem, storage_path = storage.filesystem(run_root)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,
@@ -300,6 +328,7 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_
         run_config=ray.train.RunConfig(
             name=spec.stage,
             storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=loop_config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -308,11 +337,14 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_
     )
     started = time.perf_counter()
     result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and storage.is_uri(run_root):  # Ray reports it relative to storage_filesystem
+        checkpoint = storage.join(run_root, spec.stage, os.path.basename(checkpoint))
     summary = {
         "stage": spec.stage,
         "steps": result.metrics.get("step") if result.metrics else None,
         "seconds": round(time.perf_counter() - started, 1),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint,
     }
     print(f"[{spec.stage}] done: {json.dumps(summary)}", flush=True)
     return summary
