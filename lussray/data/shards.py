@@ -29,12 +29,14 @@ import tarfile
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from PIL import Image
+from typing_extensions import Self
 
 from lussray import storage
 from lussray.data.imagenet_s import SPLITS, Categories, Sample, list_split
@@ -281,7 +283,7 @@ def prepare_split(
 class _InlinePool:
     """A stand-in for a process pool that runs jobs in this process (one worker or one job)."""
 
-    def __enter__(self) -> "_InlinePool":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -50,7 +49,7 @@ class AttentionMethod(pretrain.PretrainMethod):
         return self.losses.training_step(model, views, None, state.step, state.epoch)
 
 
-def stage1_checkpoint(run: str, init: Optional[str]) -> str:
+def stage1_checkpoint(run: str, init: str | None) -> str:
     """``--init`` if given, else the latest stage-1 checkpoint of the run.
 
     Raises:
@@ -68,7 +67,7 @@ def stage1_checkpoint(run: str, init: Optional[str]) -> str:
 
 
 def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str, *,
-               max_steps: Optional[int] = None) -> LoopSpec:
+               max_steps: int | None = None) -> LoopSpec:
     """The worker-side description of a pixel-attention run."""
     att, loop = config.attention, config.attention.loop
     num_samples = read_manifest(data, "train")["num_samples"]
@@ -83,10 +82,10 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str, *,
         freeze_prototypes_steps=att.freeze_prototypes_steps, loss_weights=[1.0], shallow_stages=[],
         crops=att.crops, loop=loop)
     queue = pretrain.queue_length_per_worker(att.queue_length, global_batch, loop.num_workers)
-    method_kwargs = dict(config=method_config, num_views=sum(att.crops.num_crops), queue_per_worker=queue,
-                         init_checkpoint=init_checkpoint)
-    optim_kwargs = dict(lr=loop.base_lr, momentum=loop.momentum, weight_decay=loop.weight_decay,
-                        trust_coefficient=loop.lars_trust_coefficient)
+    method_kwargs = {"config": method_config, "num_views": sum(att.crops.num_crops), "queue_per_worker": queue,
+                         "init_checkpoint": init_checkpoint}
+    optim_kwargs = {"lr": loop.base_lr, "momentum": loop.momentum, "weight_decay": loop.weight_decay,
+                        "trust_coefficient": loop.lars_trust_coefficient}
     return LoopSpec(
         stage=STAGE,
         method_factory=lambda: AttentionMethod(**method_kwargs),
@@ -118,13 +117,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, config: LussConfig) -> int:
     """Train pixel attention on ``--data`` into ``--run`` (resuming when it holds a checkpoint)."""
     from lussray.data.ingest import init_ray, multicrop_views
-    from lussray.stages.loop import fit
+    from lussray.stages.loop import completed_checkpoint, fit
 
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
     data, run_root = (path if storage.is_uri(path) else os.path.abspath(path) for path in (args.data, args.run))
     init = stage1_checkpoint(run_root, args.init)
     spec = build_spec(config, data, run_root, init, max_steps=args.max_steps)
+    if completed_checkpoint(spec):
+        return 0
     init_ray(config.ray)
     dataset = multicrop_views(data, "train", config.attention.crops, config.pretrain.p2p_grid_size, config.ingest)
     fit(spec, dataset, config.attention.loop, config.ingest, run_root)

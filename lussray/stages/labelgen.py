@@ -29,15 +29,17 @@ import io
 import json
 import os
 import pickle
+import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
 from lussray import storage
 from lussray.config import LussConfig
-from lussray.data.shards import MANIFEST, FORMAT_VERSION, read_manifest, shard_paths
+from lussray.data.shards import FORMAT_VERSION, MANIFEST, read_manifest, shard_paths
 from lussray.errors import UserError
 
 STAGE = "labelgen"
@@ -91,6 +93,11 @@ class Outputs:
 # -- actors (one model per actor; one call per input shard) ------------------------------------
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 class _ModelActor:
     """Loads the stage-2 network once; subclasses process whole shards."""
 
@@ -120,6 +127,8 @@ class _ModelActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [self.process({name: batch[name][i] for name in batch}) for i in range(len(batch["shard"]))]
+        for row in rows:
+            row["peak_rss_mb"] = peak_rss_mb()
         return {name: [row[name] for row in rows] for name in rows[0]}
 
     def process(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -177,11 +186,11 @@ class LabelShards(_ModelActor):
     """
 
     def __init__(self, *args, centroids: np.ndarray, tau: float, num_classes: int,
-                 taus: Optional[list[float]] = None, png_root: Optional[str] = None, **kwargs) -> None:
+                 taus: list[float] | None = None, png_root: str | None = None, **kwargs) -> None:
         import torch
 
         super().__init__(*args, **kwargs)
-        self.centroids = torch.from_numpy(np.asarray(centroids, np.float32)).to(self.device)
+        self.centroids = torch.tensor(np.asarray(centroids, np.float32), device=self.device)
         self.tau, self.num_classes, self.taus, self.png_root = tau, num_classes, taus, png_root
 
     def pixel_maps(self, jpeg: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -245,6 +254,20 @@ class LabelShards(_ModelActor):
 # -- driver -------------------------------------------------------------------------------------
 
 
+@dataclass
+class Timings:
+    """Seconds per step and the peak memory seen in the driver and the actors."""
+
+    seconds: dict[str, float]
+    peak_actor_rss_mb: float = 0.0
+
+    def step(self, name: str, started: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+
+
+TIMINGS = Timings({})
+
+
 def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, Any], config: LussConfig,
                what: str) -> Iterator[dict[str, Any]]:
     """Run ``actor`` over ``jobs`` (one row per shard) on an autoscaling actor pool; yield results."""
@@ -265,6 +288,7 @@ def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, 
     started, images = time.perf_counter(), 0
     for done, row in enumerate(dataset.iter_rows(), start=1):
         images += int(row["num_images"])
+        TIMINGS.peak_actor_rss_mb = max(TIMINGS.peak_actor_rss_mb, float(row["peak_rss_mb"]))
         elapsed = time.perf_counter() - started
         print(f"[{STAGE}] {what}: shard {done}/{len(jobs)} {os.path.basename(str(row['shard']))} "
               f"({images} images, {images / max(elapsed, 1e-9):.1f} img/s, "
@@ -272,7 +296,30 @@ def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, 
         yield row
 
 
-def attention_checkpoint(run: str, given: Optional[str]) -> str:
+def model_args(config: LussConfig, checkpoint: str) -> tuple[str, dict[str, Any], int, int]:
+    """The positional arguments of the actors' constructor (checkpoint, model shape, input size, threads)."""
+    pre = config.pretrain
+    model_kwargs = {"arch": pre.arch, "hidden_dim": pre.hidden_mlp, "feat_dim": pre.feat_dim,
+                    "num_prototypes": pre.num_prototypes, "shallow_stages": []}
+    return checkpoint, model_kwargs, config.ingest.eval_short_side, config.labelgen.torch_threads
+
+
+def pixel_labeler(config: LussConfig, run: str) -> LabelShards:
+    """The finished labelgen run's labeller in this process (model, centroids, tau), e.g. for the report.
+
+    Raises:
+        UserError: if ``<run>/labelgen`` is not complete.
+    """
+    outputs = Outputs(storage.join(run, STAGE))
+    if not storage.exists(outputs.summary):
+        raise UserError(f"label generation in {outputs.root} is not complete: run `lussray labelgen` first")
+    summary = storage.read_json(outputs.summary)
+    centroids = np.load(io.BytesIO(storage.read_bytes(outputs.centroids)))
+    return LabelShards(*model_args(config, summary["checkpoint"]), centroids=centroids, tau=float(summary["tau"]),
+                       num_classes=config.dataset.num_classes)
+
+
+def attention_checkpoint(run: str, given: str | None) -> str:
     """``--checkpoint`` if given, else the latest ``<run>/attention`` checkpoint."""
     from lussray.stages.loop import latest_checkpoint
 
@@ -315,11 +362,11 @@ def embed(config: LussConfig, data: str, outputs: Outputs, actor_args: tuple) ->
 
 def cluster(config: LussConfig, files: list[str], outputs: Outputs, num_clusters: int) -> np.ndarray:
     """Step 2: sharded k-means (skipped when ``centroids.npy`` exists)."""
-    from lussray.cluster.kmeans import sharded_kmeans
-
     if storage.exists(outputs.centroids):
         print(f"[{STAGE}] kmeans: done before, {outputs.centroids}", flush=True)
         return np.load(io.BytesIO(storage.read_bytes(outputs.centroids)))
+    from lussray.cluster.kmeans import sharded_kmeans
+
     cfg = config.labelgen
     result = sharded_kmeans(files, num_clusters, num_actors=cfg.kmeans_actors, niter=cfg.kmeans_iterations,
                             nredo=cfg.kmeans_redo, seed=cfg.kmeans_seed, spherical=cfg.spherical,
@@ -349,7 +396,7 @@ def sweep_metrics(config: LussConfig, data: str, split: str, label_kwargs: dict[
 
 
 def choose_tau(config: LussConfig, data: str, outputs: Outputs, label_kwargs: dict[str, Any],
-               fixed: Optional[float]) -> float:
+               fixed: float | None) -> float:
     """Step 3: a fixed tau, or the best of the validation sweep (recorded in ``tau.json``)."""
     if fixed is not None:
         if storage.exists(outputs.tau) and storage.read_json(outputs.tau)["tau"] != fixed:
@@ -426,7 +473,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     data, run_root = (path if storage.is_uri(path) else os.path.abspath(path) for path in (args.data, args.run))
     outputs = Outputs(storage.join(run_root, STAGE))
     checkpoint = attention_checkpoint(run_root, args.checkpoint)
-    cfg, pre = config.labelgen, config.pretrain
+    cfg = config.labelgen
     num_clusters = cfg.num_clusters or config.dataset.num_classes
     tau = args.tau if args.tau is not None else cfg.tau
     if tau is None and num_clusters != config.dataset.num_classes:
@@ -441,24 +488,33 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
                             "seed": cfg.kmeans_seed, "data": data})
     init_ray(config.ray)
     started = time.perf_counter()
-    model_kwargs = {"arch": pre.arch, "hidden_dim": pre.hidden_mlp, "feat_dim": pre.feat_dim,
-                    "num_prototypes": pre.num_prototypes, "shallow_stages": []}
-    actor_args = (checkpoint, model_kwargs, config.ingest.eval_short_side, cfg.torch_threads)
+    actor_args = model_args(config, checkpoint)
+    step_started = time.perf_counter()
     files = embed(config, data, outputs, actor_args)
+    TIMINGS.step("embed", step_started)
+    step_started = time.perf_counter()
     centroids = cluster(config, files, outputs, num_clusters)
+    TIMINGS.step("kmeans", step_started)
     label_kwargs = {**dict(zip(("checkpoint", "model_kwargs", "short_side", "torch_threads"), actor_args)),
                     "centroids": centroids, "tau": 0.0, "num_classes": config.dataset.num_classes}
+    step_started = time.perf_counter()
     tau = choose_tau(config, data, outputs, label_kwargs, tau)
+    TIMINGS.step("tau", step_started)
     label_kwargs["tau"] = tau
     if cfg.write_png_tree:
         label_kwargs["png_root"] = outputs.png_tree
+    step_started = time.perf_counter()
     manifest = write_pseudo_labels(config, data, outputs, label_kwargs, num_clusters)
+    TIMINGS.step("pseudo_labels", step_started)
     summary = {"images": manifest["num_samples"], "num_clusters": num_clusters, "tau": tau,
-               "histogram": manifest["histogram"], "checkpoint": checkpoint,
-               "seconds": round(time.perf_counter() - started, 1)}
+               "histogram": manifest["histogram"], "checkpoint": checkpoint}
     if _has_ground_truth(data, "train-semi"):
-        semi = sweep_metrics(config, data, "train-semi", label_kwargs, [tau]).best
-        summary["train_semi"] = semi.summary()
+        step_started = time.perf_counter()
+        summary["train_semi"] = sweep_metrics(config, data, "train-semi", label_kwargs, [tau]).best.summary()
+        TIMINGS.step("train_semi_metrics", step_started)
+    summary.update({"seconds": round(time.perf_counter() - started, 1), "step_seconds": TIMINGS.seconds,
+                    "peak_rss_mb": {"driver": round(peak_rss_mb(), 1),
+                                    "actor": round(TIMINGS.peak_actor_rss_mb, 1)}})
     storage.write_json_atomic(outputs.summary, summary)
     _print_summary(summary, outputs)
     return 0

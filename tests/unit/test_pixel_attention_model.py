@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lussray.models.pass_model import PASSModel, PixelAttentionModel, upsample_features
 
-KWARGS = dict(arch="resnet18", hidden_dim=32, feat_dim=16, num_prototypes=10, shallow_stages=())
+KWARGS = {"arch": "resnet18", "hidden_dim": 32, "feat_dim": 16, "num_prototypes": 10, "shallow_stages": ()}
 
 
 @pytest.fixture(scope="module")

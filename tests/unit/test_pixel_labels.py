@@ -3,7 +3,12 @@
 import numpy as np
 import torch
 
-from lussray.cluster.pixel_labels import apply_threshold, assign_pixels, foreground_scores, label_histogram
+from lussray.cluster.pixel_labels import (
+    apply_threshold,
+    assign_pixels,
+    foreground_scores,
+    label_histogram,
+)
 
 
 def test_assign_pixels_is_cosine_argmax_plus_one_upsampled_nearest():

@@ -13,7 +13,8 @@ def test_write_then_iterate_round_trip(tmp_path):
     record = write_tar(iter(samples), str(path))
     assert record["num_samples"] == 3 and record["bytes"] == path.stat().st_size
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert [name for name in tarfile.open(path).getnames()][:3] == ["n01/a.jpg", "n01/a.seg.png", "n01/a.json"]
+    with tarfile.open(path) as tar:
+        assert tar.getnames()[:3] == ["n01/a.jpg", "n01/a.seg.png", "n01/a.json"]
     back = list(iter_tar(str(path)))
     # a dot in the name is a suffix separator for webdataset too: "n02/b.c.jpg" is key n02/b, member c.jpg
     assert back[0] == samples[0] and back[2] == samples[2]

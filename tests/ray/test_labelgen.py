@@ -1,0 +1,121 @@
+"""Label generation end to end on tiny generated data: one pseudo label per image, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lussray.cli import main
+from lussray.data.imagenet_s import label_from_png_bytes
+from lussray.data.shards import iter_tar, shard_paths
+from lussray.models.pass_model import PixelAttentionModel
+from lussray.stages.loop import CHECKPOINT_FILE
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+K = 3
+MODEL = ["pretrain.hidden_mlp=32", "pretrain.feat_dim=16", "pretrain.num_prototypes=8"]
+TINY = ["dataset.num_classes=3", *MODEL, "labelgen.crop_size=56", "ingest.eval_short_side=64",
+        "labelgen.kmeans_redo=2", "labelgen.kmeans_iterations=5", "labelgen.batch_size=8",
+        "labelgen.tau_step=0.2", "labelgen.actor_pool_max=1", "labelgen.kmeans_actors=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Shards with 4 images per shard, and a random stage-2 checkpoint in the run folder layout."""
+    root = tmp_path_factory.mktemp("labelgen")
+    assert main(["synth", "--out", str(root / "tree"), "--classes", "3", "--train-per-class", "12",
+                 "--val-per-class", "2", "--test-per-class", "1", "--semi-per-class", "1", "--size", "64",
+                 "--workers", "1"]) == 0
+    assert main(["prepare", "--src", str(root / "tree"), "--out", str(root / "shards"), "--workers", "1",
+                 "--samples-per-shard", "4", "dataset.num_classes=3"]) == 0
+    torch.manual_seed(0)
+    model = PixelAttentionModel(arch="resnet18", hidden_dim=32, feat_dim=16, num_prototypes=8, shallow_stages=())
+    folder = root / "checkpoint" / "attention" / "checkpoint_step=00000001"
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "step": 1}, folder / CHECKPOINT_FILE)
+    return root
+
+
+def _new_run(data: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "attention").mkdir(parents=True)
+    os.symlink(data / "checkpoint" / "attention" / "checkpoint_step=00000001",
+               run / "attention" / "checkpoint_step=00000001")
+    return run
+
+
+def _train_keys(shards: Path) -> dict[str, tuple[int, int]]:
+    from lussray.data.augment import decode_image
+
+    return {key: decode_image(members["jpg"]).shape[:2]
+            for path in shard_paths(str(shards), "train") for key, members in iter_tar(path)}
+
+
+def test_labelgen_writes_one_pseudo_label_per_training_image(data, tmp_path, ray_cluster):
+    run = _new_run(data, tmp_path)
+    assert main(["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY]) == 0
+    out = run / "labelgen"
+    pseudo = {}
+    for path in shard_paths(str(out / "pseudo"), "train"):
+        for key, members in iter_tar(path):
+            assert key not in pseudo
+            pseudo[key] = label_from_png_bytes(members["seg.png"])
+    images = _train_keys(data / "shards")
+    assert sorted(pseudo) == sorted(images)
+    for key, label in pseudo.items():
+        assert label.shape == images[key]
+        assert label.min() >= 0 and label.max() <= K
+    tau = json.loads((out / "tau.json").read_text())
+    assert tau["source"] == "validation sweep" and [c["tau"] for c in tau["curve"]] == [0.0, 0.2, 0.4, 0.6, 0.8]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == len(images) and sum(summary["histogram"]) == sum(h * w for h, w in images.values())
+    assert "mIoU" in summary["train_semi"]
+    assert np.load(out / "centroids.npy").shape == (K, 512)
+    # a complete run is not redone
+    assert main(["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY]) == 0
+
+
+def test_labelgen_refuses_outputs_of_another_checkpoint(data, tmp_path, ray_cluster):
+    run = _new_run(data, tmp_path)
+    (run / "labelgen").mkdir()
+    (run / "labelgen" / "inputs.json").write_text(json.dumps({"checkpoint": "elsewhere"}))
+    assert main(["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY]) == 2
+
+
+def _tar_of(record: Path) -> Path:
+    return record.with_name(record.name.removesuffix(".done.json"))
+
+
+def test_labelgen_resumes_after_kill_without_redoing_finished_shards(data, tmp_path):
+    run = _new_run(data, tmp_path)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "lussray.cli", "labelgen", "--data", str(data / "shards"), "--run", str(run),
+           "--tau", "0.3", "ray.address=local", "ray.num_cpus=4", *TINY]
+    pseudo = run / "labelgen" / "pseudo" / "train"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(pseudo.glob("*.done.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # actors outside the process group die with their raylet, a moment later
+    finished = {p.name: (_tar_of(p).stat().st_mtime_ns, p.read_text()) for p in pseudo.glob("*.done.json")}
+    total = len(shard_paths(str(data / "shards"), "train"))
+    assert 0 < len(finished) < total, f"{len(finished)} of {total} shards were done at the kill"
+    assert not (pseudo / "manifest.json").exists()
+
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"resuming, {len(finished)} of {total} shards already written" in result.stdout
+    for name, (mtime, record) in finished.items():
+        assert _tar_of(pseudo / name).stat().st_mtime_ns == mtime and (pseudo / name).read_text() == record
+    manifest = json.loads((pseudo / "manifest.json").read_text())
+    assert manifest["num_shards"] == total and manifest["num_samples"] == len(_train_keys(data / "shards"))
