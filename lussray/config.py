@@ -191,7 +191,9 @@ class PredictConfig:
     actor_pool_min: int = 1
     actor_pool_max: int = 1
     gpus_per_actor: float = 0.0
-    batch_size: int = 16
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 0  # intra-op threads per actor; 0 keeps torch's default
+    batch_size: int = 16  # images per actor call; same-sized images share one forward pass
     crf: bool = False
     crf_iterations: int = 10
     crf_pos_xy_std: float = 1.0
@@ -208,9 +210,12 @@ class DistmatchConfig:
 
     k: int = 10
     temperature: float = 0.07
+    feature_upsample: int = 4  # c4 (stride 32) bilinearly upsampled x4: stride 8, as the reference
     actor_pool_min: int = 1
     actor_pool_max: int = 1
     gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 0  # intra-op threads per actor; 0 keeps torch's default
     batch_size: int = 16
 
 

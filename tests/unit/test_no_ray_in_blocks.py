@@ -23,7 +23,7 @@ PROBE = textwrap.dedent(
         for info in pkgutil.iter_modules(module.__path__, package + "."):
             importlib.import_module(info.name)
             imported.append(info.name)
-    for name in ("lussray.data.imagenet_s", "lussray.data.augment"):
+    for name in ("lussray.data.imagenet_s", "lussray.data.augment", "lussray.cluster.lloyd"):
         if present(name):
             importlib.import_module(name)
             imported.append(name)
@@ -39,3 +39,4 @@ def test_blocks_do_not_import_ray():
     assert result.returncode == 0, result.stderr[-3000:]
     imported = result.stdout.split()
     assert "lussray.methods.sinkhorn" in imported and "lussray.models.pass_model" in imported
+    assert "lussray.models.segmenter" in imported and "lussray.methods.knn" in imported

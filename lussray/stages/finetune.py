@@ -1,0 +1,261 @@
+"""Stage 4: segmentation fine-tuning on the pseudo labels (Ray Train, the shared loop).
+
+    lussray finetune --dataset synthetic-demo --run demo-out/run
+    lussray finetune --dataset imagenet-s919 --run s3://bucket/runs/s919 --data s3://bucket/runs/s919/labelgen/pseudo
+
+The reference's fine-tuning (shared/reference/pass-imagenet-s.md, section 2.4;
+``main_pixel_finetuning.py``): the stage-1 backbone (the latest ``<run>/pretrain`` checkpoint, or
+``--init``; ``--init random`` for a baseline without pretraining) plus a new 1x1 head with K + 1
+outputs (:class:`~lussray.models.segmenter.Segmenter`), trained with plain cross-entropy
+(:func:`~lussray.models.segmenter.segmentation_loss`) on (image, pseudo label) pairs streamed from
+``--data`` (default ``<run>/labelgen/pseudo``, the shards ``lussray labelgen`` writes) with the
+joint RandomResizedCrop + flip of :func:`lussray.data.ingest.segmentation_pairs` and no colour
+augmentation; LARS with the per-step cosine schedule, as stage 1.
+
+Checkpoints go to ``<run>/finetune/checkpoint_step=<N>/checkpoint.pt`` (the model-shape arguments
+are recorded as ``config["segmenter"]``); a rerun resumes from the latest one and returns at once
+when training is complete. ``--max-steps N`` stops after N steps.
+
+The semi-supervised protocol (:mod:`lussray.stages.semisup`) trains the same method on ground
+truth through :func:`train_segmenter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lussray import storage
+from lussray.config import LussConfig, TrainLoopConfig, to_dict
+from lussray.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from lussray.data.shards import MANIFEST, read_manifest
+from lussray.errors import UserError
+from lussray.models.checkpoints import load_pretrained
+from lussray.models.segmenter import Segmenter, segmentation_loss
+from lussray.optim.lars import LARS
+from lussray.optim.schedules import cosine_schedule
+from lussray.stages.loop import LoopSpec, StepState, completed_checkpoint, latest_checkpoint
+from lussray.stages.pretrain import normalize_views
+
+STAGE = "finetune"
+PSEUDO_LABELS = ("labelgen", "pseudo")  # <run>/labelgen/pseudo: the shards root labelgen writes
+RANDOM_INIT = "random"
+
+
+@dataclass
+class SegmentationMethod:
+    """Cross-entropy fine-tuning of a :class:`Segmenter` (the hooks of the shared loop).
+
+    Attributes:
+        arch: Backbone architecture.
+        num_outputs: K + 1.
+        init_checkpoint: Stage-1 (or any loadable) checkpoint for the backbone; None = random.
+        ignore_index: 1000 for ground truth, None for pseudo labels (every pixel counts).
+        stage: Log prefix.
+    """
+
+    arch: str
+    num_outputs: int
+    init_checkpoint: str | None = None
+    ignore_index: int | None = None
+    stage: str = STAGE
+
+    def __post_init__(self) -> None:
+        self._state = nn.Module()  # no state besides the model and the optimizer
+
+    def build_model(self) -> nn.Module:
+        model = Segmenter(self.arch, self.num_outputs)
+        if self.init_checkpoint:
+            print(f"[{self.stage}] initialised from {load_backbone(model, self.init_checkpoint).summary()}", flush=True)
+        else:
+            print(f"[{self.stage}] randomly initialised {self.arch} backbone (no pretraining)", flush=True)
+        return model
+
+    def state_module(self) -> nn.Module:
+        return self._state
+
+    def training_step(self, model, batch, state: StepState):
+        # The pair pipeline delivers uint8 crops; the reference normalises with std 0.229 here.
+        images = normalize_views(batch["image"], IMAGENET_MEAN, IMAGENET_STD)
+        labels = batch["label"].long()
+        self._check_labels(labels)
+        loss, accuracy = segmentation_loss(model(images), labels, ignore_index=self.ignore_index)
+        return loss, {"pixel_acc": float(accuracy)}
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        valid = labels if self.ignore_index is None else labels[labels != self.ignore_index]
+        if valid.numel() and (int(valid.max()) >= self.num_outputs or int(valid.min()) < 0):
+            raise ValueError(f"[{self.stage}] label id {int(valid.max())} outside 0..{self.num_outputs - 1}: "
+                             f"the labels do not fit K + 1 = {self.num_outputs} outputs "
+                             f"(check labelgen.num_clusters / dataset.num_classes)")
+
+    def before_step(self, model, state: StepState) -> None:
+        pass
+
+    def after_backward(self, model, state: StepState) -> None:
+        pass
+
+
+def load_backbone(model: Segmenter, checkpoint: str) -> Any:
+    """Load ``checkpoint`` into ``model`` (by name) and insist that the whole backbone was in it.
+
+    Returns:
+        The :class:`~lussray.models.checkpoints.LoadReport`.
+
+    Raises:
+        UserError: if the file is unreadable or lacks backbone weights of ``model.arch``.
+    """
+    report = load_pretrained(model, checkpoint)
+    missing = [key for key in report.missing if key.startswith("backbone.")]
+    mismatched = [entry for entry in report.mismatched if entry.startswith("backbone.")]
+    if missing or mismatched:
+        first = (missing or mismatched)[0]
+        raise UserError(f"{checkpoint} does not hold a {model.arch} backbone ({len(missing)} weights missing, "
+                        f"{len(mismatched)} of another shape; first: {first}): is pretrain.arch right?")
+    return report
+
+
+def check_backbone(checkpoint: str | None, arch: str) -> None:
+    """Fail early, on the driver, when ``checkpoint`` cannot initialise a ``arch`` backbone."""
+    if checkpoint:
+        load_backbone(Segmenter(arch, 2), checkpoint)
+
+
+def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str | None, *,
+               num_outputs: int, max_steps: int | None = None, stage: str = STAGE, split: str = "train",
+               loop: TrainLoopConfig | None = None, ignore_index: int | None = None) -> LoopSpec:
+    """The worker-side description of a segmentation fine-tuning run.
+
+    Args:
+        config: The resolved config (``pretrain.arch``, ingest settings).
+        data: Shards root holding ``split`` with labels (``seg.png``).
+        run: The run folder; the stage writes ``<run>/<stage>``.
+        init_checkpoint: Backbone initialisation, None for random weights.
+        num_outputs: K + 1.
+        max_steps: Stop after this many steps.
+        stage: Stage name (``finetune`` or ``semisup``).
+        split: Split of ``data`` to train on.
+        loop: The loop settings (default ``config.finetune.loop``).
+        ignore_index: Label id excluded from the loss (1000 for ground truth).
+
+    Raises:
+        UserError: if the split holds fewer images than one global batch.
+    """
+    loop = loop or config.finetune.loop
+    arch = config.pretrain.arch
+    num_samples = read_manifest(data, split)["num_samples"]
+    global_batch = loop.batch_size_per_worker * loop.num_workers
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch < 1:
+        raise UserError(f"{num_samples} images in {storage.join(data, split)} are fewer than one global batch of "
+                        f"{global_batch}: lower {stage}.loop.batch_size_per_worker or num_workers")
+    method_kwargs = {"arch": arch, "num_outputs": num_outputs, "init_checkpoint": init_checkpoint,
+                     "ignore_index": ignore_index, "stage": stage}
+    optim_kwargs = {"lr": loop.base_lr, "momentum": loop.momentum, "weight_decay": loop.weight_decay,
+                    "trust_coefficient": loop.lars_trust_coefficient}
+    return LoopSpec(
+        stage=stage,
+        method_factory=lambda: SegmentationMethod(**method_kwargs),
+        optimizer_factory=lambda params: LARS(params, **optim_kwargs),
+        lr_at=lambda step, total: cosine_schedule(step, total_steps=total, base_value=loop.base_lr,
+                                                  final_value=loop.final_lr, warmup_steps=loop.warmup_steps),
+        run_dir=storage.join(run, stage),
+        batch_size_per_worker=loop.batch_size_per_worker,
+        steps_per_epoch=steps_per_epoch,
+        epochs=loop.epochs,
+        checkpoint_every_steps=loop.checkpoint_every_steps,
+        log_every_steps=loop.log_every_steps,
+        max_steps=max_steps,
+        amp=loop.amp,
+        sync_batchnorm=loop.sync_batchnorm,
+        prefetch_batches=config.ingest.prefetch_batches,
+        torch_threads=loop.torch_threads,
+        resolved_config={**to_dict(config), "seed": loop.seed,
+                         "segmenter": {"arch": arch, "num_outputs": num_outputs, "stage": stage,
+                                       "init": init_checkpoint, "data": data, "split": split}},
+    )
+
+
+def train_segmenter(config: LussConfig, data: str, run: str, init_checkpoint: str | None, *, num_outputs: int,
+                    ingest: Any = None, max_steps: int | None = None, stage: str = STAGE, split: str = "train",
+                    loop: TrainLoopConfig | None = None, ignore_index: int | None = None) -> str:
+    """Fine-tune (or resume, or skip when complete) and return the latest checkpoint.
+
+    Args:
+        ingest: The ingest settings of the pair pipeline (default ``config.ingest``).
+        Others: as :func:`build_spec`.
+    """
+    from lussray.data.ingest import init_ray, segmentation_pairs
+    from lussray.stages.loop import fit
+
+    spec = build_spec(config, data, run, init_checkpoint, num_outputs=num_outputs, max_steps=max_steps,
+                      stage=stage, split=split, loop=loop, ignore_index=ignore_index)
+    done = completed_checkpoint(spec)
+    if done:
+        return done
+    init_ray(config.ray)
+    # The workers take tensors only: the string ``key`` column would break ``iter_torch_batches``.
+    dataset = segmentation_pairs(data, split, ingest or config.ingest).select_columns(["image", "label"])
+    fit(spec, dataset, loop or config.finetune.loop, ingest or config.ingest, run)
+    latest = latest_checkpoint(spec.run_dir)
+    if latest is None:
+        raise RuntimeError(f"[{stage}] training ended without a checkpoint in {spec.run_dir}")
+    return latest
+
+
+def init_checkpoint(run: str, given: str | None) -> str | None:
+    """``--init``: ``random`` (None), a file, or by default the latest stage-1 checkpoint of the run."""
+    from lussray.stages.attention import stage1_checkpoint
+
+    if given == RANDOM_INIT:
+        return None
+    return stage1_checkpoint(run, absolute(given) if given else None)
+
+
+def absolute(path: str) -> str:
+    """Ray workers run in their own directories: hand them absolute local paths."""
+    return path if storage.is_uri(path) else os.path.abspath(path)
+
+
+def num_categories(config: LussConfig, data: str) -> int:
+    """K: ``labelgen.num_clusters`` (else ``dataset.num_classes``), checked against the pseudo-label manifest.
+
+    Raises:
+        UserError: if the manifest records another K.
+    """
+    k = config.labelgen.num_clusters or config.dataset.num_classes
+    recorded = read_manifest(data, "train").get("num_classes")
+    if recorded is not None and int(recorded) != k:
+        raise UserError(f"{storage.join(data, 'train', MANIFEST)} holds labels of K = {recorded} categories, the "
+                        f"config says K = {k} (labelgen.num_clusters / dataset.num_classes)")
+    return k
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``lussray finetune`` (``--data`` defaults to ``<run>/labelgen/pseudo``)."""
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (checkpointing first)")
+    parser.add_argument("--init", metavar="CHECKPOINT",
+                        help="backbone to start from: a lussray, torchvision or PASS/SwAV checkpoint, or "
+                        "'random' (default: the latest under <run>/pretrain)")
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """Fine-tune on the pseudo labels into ``<run>/finetune`` (resuming when it holds a checkpoint)."""
+    if not args.run:
+        raise UserError("--run DIR is required")
+    run_root = absolute(args.run)
+    data = absolute(args.data) if args.data else storage.join(run_root, *PSEUDO_LABELS)
+    if not storage.exists(storage.join(data, "train", MANIFEST)):
+        raise UserError(f"no pseudo labels at {storage.join(data, 'train', MANIFEST)}: run `lussray labelgen` "
+                        f"first, or pass --data with (image, label) shards")
+    k = num_categories(config, data)
+    init = init_checkpoint(run_root, args.init)
+    check_backbone(init, config.pretrain.arch)
+    checkpoint = train_segmenter(config, data, run_root, init, num_outputs=k + 1, max_steps=args.max_steps)
+    print(f"[{STAGE}] checkpoint: {checkpoint}", flush=True)
+    return 0
