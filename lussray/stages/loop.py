@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import tempfile
 import time
@@ -151,6 +152,27 @@ def latest_checkpoint(stage_dir: str) -> Optional[str]:
         path = storage.join(stage_dir, folder, CHECKPOINT_FILE)
         if storage.exists(path):
             return path
+    return None
+
+
+def checkpoint_step(path: Optional[str]) -> int:
+    """The step in a ``.../checkpoint_step=<N>/checkpoint.pt`` path (0 for None)."""
+    if not path:
+        return 0
+    found = re.search(r"checkpoint_step=(\d+)", path)
+    return int(found.group(1)) if found else 0
+
+
+def completed_checkpoint(spec: LoopSpec) -> Optional[str]:
+    """The latest checkpoint of ``spec``'s stage if training reached ``spec.last_step``, else None.
+
+    A stage calls this before starting Ray Train, so that a rerun of a finished stage (or
+    ``lussray run`` passing over it) costs no cluster start-up.
+    """
+    latest = latest_checkpoint(spec.run_dir)
+    if latest and checkpoint_step(latest) >= spec.last_step:
+        print(f"[{spec.stage}] complete at step {checkpoint_step(latest)}: {latest}", flush=True)
+        return latest
     return None
 
 

@@ -139,13 +139,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, config: LussConfig) -> int:
     """Pretrain on ``--data`` into ``--run`` (resuming when it holds a checkpoint)."""
     from lussray.data.ingest import init_ray, multicrop_views
-    from lussray.stages.loop import fit
+    from lussray.stages.loop import completed_checkpoint, fit
 
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
     # Ray workers run in their own working directories: hand them absolute paths.
     data, run_root = (path if storage.is_uri(path) else os.path.abspath(path) for path in (args.data, args.run))
     spec = build_spec(config, data, run_root, max_steps=args.max_steps, init_checkpoint=args.init)
+    if completed_checkpoint(spec):
+        return 0
     init_ray(config.ray)
     dataset = multicrop_views(data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
     fit(spec, dataset, config.pretrain.loop, config.ingest, run_root)
