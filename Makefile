@@ -21,11 +21,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/lussray synth --out $(DEMO)/imagenet-s --classes 5 --train-per-class 60 \
-	    --val-per-class 8 --test-per-class 8 --size 128 --seed 0
+	$(BIN)/lussray synth --out $(DEMO)/imagenet-s --dataset synthetic-demo
 	$(BIN)/lussray prepare --src $(DEMO)/imagenet-s --out $(DEMO)/shards --dataset synthetic-demo
-	$(BIN)/lussray peek --dataset synthetic-demo --data $(DEMO)/shards --run $(DEMO)/run --batches 3
-	$(BIN)/python -m lussray.train --dataset synthetic-demo --data $(DEMO)/shards --run $(DEMO)/run
+	$(BIN)/lussray run --dataset synthetic-demo --data $(DEMO)/shards --run $(DEMO)/run --baselines --crf
 
 clean:
 	rm -rf $(VENV) $(DEMO)

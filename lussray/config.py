@@ -91,6 +91,9 @@ class IngestConfig:
     finetune_crop_size: int = 224  # joint RandomResizedCrop for (image, label) pairs
     finetune_min_scale: float = 0.08
     shuffle_files: bool = True
+    # Rows each Train worker mixes before batching (``iter_torch_batches``' local shuffle buffer):
+    # on top of the mixed order `lussray prepare` writes, so every epoch sees other batches.
+    shuffle_buffer_size: int = 256
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,24 @@ import pytest
 
 
 from lussray.cli import main
-from lussray.data.shards import read_manifest
+from lussray.data.shards import iter_tar, read_manifest, shard_paths
 from tests.helpers import corrupt, make_tree
 
 
 def _prepare(src, out, *extra):
     return main(["prepare", "--src", str(src), "--out", str(out), "--workers", "1", "dataset.num_classes=2", *extra])
+
+
+def test_shards_mix_classes_in_a_fixed_order(tmp_path):
+    src = make_tree(tmp_path / "tree", wnids=("n001", "n002", "n003"), per_class=6)
+    orders = []
+    for out in ("a", "b"):
+        assert main(["prepare", "--src", str(src), "--out", str(tmp_path / out), "--workers", "1",
+                     "--samples-per-shard", "6", "dataset.num_classes=3"]) == 0
+        orders.append([k for path in shard_paths(str(tmp_path / out), "train") for k, _ in iter_tar(path)])
+    assert orders[0] == orders[1] and sorted(orders[0]) != orders[0]
+    first_shard_classes = {key.split("/")[0] for key in orders[0][:6]}
+    assert len(first_shard_classes) >= 2  # class-sorted shards would give single-class batches
 
 
 def test_counts_members_and_skip_report(tmp_path, capsys):
@@ -37,11 +49,12 @@ def test_counts_members_and_skip_report(tmp_path, capsys):
     assert validation["num_samples"] == 8 and validation["has_segmentation"]
     with tarfile.open(tmp_path / "out" / "validation" / "validation-000000.tar") as tar:
         names = tar.getnames()
-    assert names[:3] == ["n001/n001_0.jpg", "n001/n001_0.seg.png", "n001/n001_0.json"]
+    key = names[0].split(".")[0]
+    assert names[:3] == [f"{key}.jpg", f"{key}.seg.png", f"{key}.json"]
     original = (src / "validation" / "n001" / "n001_0.JPEG").read_bytes()
-    with tarfile.open(tmp_path / "out" / "validation" / "validation-000000.tar") as tar:
-        assert tar.extractfile("n001/n001_0.jpg").read() == original  # bytes kept, not re-encoded
-        meta = json.loads(tar.extractfile("n001/n001_0.json").read())
+    members = {k: m for path in shard_paths(str(tmp_path / "out"), "validation") for k, m in iter_tar(path)}
+    assert members["n001/n001_0"]["jpg"] == original  # bytes kept, not re-encoded
+    meta = json.loads(members["n001/n001_0"]["json"])
     assert meta == {"wnid": "n001", "class_id": 1, "size": [40, 52], "split": "validation"}
 
 

@@ -246,28 +246,16 @@ def run(args: argparse.Namespace, config: Any) -> int:
 
 def _contact_sheet(batch: dict[str, np.ndarray], max_rows: int = 6) -> bytes:
     """A PNG with one row per sample showing its views (or image and label)."""
-    import io
-
-    from PIL import Image
+    from lussray.viz import colorize, png_bytes
 
     tiles = [name for name in batch if name.startswith("crop_")] or [n for n in ("image", "label") if n in batch]
     rows = []
     for i in range(min(max_rows, len(batch[tiles[0]]))):
         cells = [np.asarray(batch[name][i]) for name in tiles]
-        cells = [_as_rgb(cell) for cell in cells]
+        cells = [cell.astype(np.uint8) if cell.ndim == 3 else colorize(cell) for cell in cells]
         height = max(cell.shape[0] for cell in cells)
         cells = [np.pad(cell, ((0, height - cell.shape[0]), (0, 4), (0, 0))) for cell in cells]
         rows.append(np.concatenate(cells, axis=1))
     width = max(row.shape[1] for row in rows)
     sheet = np.concatenate([np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0))) for row in rows])
-    buffer = io.BytesIO()
-    Image.fromarray(sheet).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _as_rgb(cell: np.ndarray) -> np.ndarray:
-    if cell.ndim == 3:
-        return cell.astype(np.uint8)
-    palette = np.random.default_rng(0).integers(0, 255, (max(int(cell.max()) + 1, 1001), 3), dtype=np.uint8)
-    palette[0] = 0
-    return palette[cell]
+    return png_bytes(sheet)

@@ -11,8 +11,9 @@ Per split, ``<out>/<split>/<split>-%06d.tar`` shards hold one sample per image w
 the images that were skipped (corrupt, truncated, or a label of another size) with the reason;
 it is written last. ``<out>/categories.txt`` holds the category list.
 
-The plan (which sample goes to which shard) depends only on the sorted source tree, so an
-interrupted run resumes: shards already written (recorded by a small ``.done.json`` beside
+Samples are written in a seeded random order, not class order (:func:`mixed_order`), so that a
+stream over the shards yields mixed-class batches. The plan (which sample goes to which shard)
+depends only on the sorted source tree and that fixed seed, so an interrupted run resumes: shards already written (recorded by a small ``.done.json`` beside
 each tar) are kept, the others are written; a complete split is skipped.
 """
 
@@ -25,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import tarfile
 import tempfile
 import time
@@ -70,8 +72,24 @@ class ShardPlan:
         return digest.hexdigest()[:16]
 
 
+#: Seed of the sample order in shards (fixed, so that a resumed prepare plans the same shards).
+ORDER_SEED = 0
+
+
+def mixed_order(samples: list[Sample]) -> list[Sample]:
+    """The samples in a seeded random order instead of class order.
+
+    Streaming readers see a shard front to back, so class-sorted shards give single-class batches,
+    and SwAV's equipartition (Sinkhorn) then has to spread one class over all prototypes: the
+    swapped prediction stops carrying class information. Mixing once here keeps every stretch of
+    a shard a sample of the whole split.
+    """
+    order = random.Random(ORDER_SEED).sample(range(len(samples)), len(samples))
+    return [samples[i] for i in order]
+
+
 def plan_shards(samples: list[Sample], split: str, samples_per_shard: int, max_shard_bytes: int) -> list[ShardPlan]:
-    """Cut the sorted samples into consecutive shards bounded in count and in bytes."""
+    """Cut the samples, in their order, into consecutive shards bounded in count and in bytes."""
     plans: list[ShardPlan] = []
     current: list[Sample] = []
     current_bytes = 0
@@ -226,7 +244,7 @@ def prepare_split(
     samples = list_split(src, split, categories.wnids)
     if not samples:
         raise UserError(f"{Path(src) / split} holds no images of the {categories.num_classes} categories")
-    plans = plan_shards(samples, split, samples_per_shard, max_shard_bytes)
+    plans = plan_shards(mixed_order(samples), split, samples_per_shard, max_shard_bytes)
     plan_fingerprint = hashlib.sha256("".join(p.fingerprint for p in plans).encode()).hexdigest()[:16]
     manifest_path = storage.join(out_dir, MANIFEST)
     if storage.exists(manifest_path):

@@ -174,6 +174,7 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str | N
         amp=loop.amp,
         sync_batchnorm=loop.sync_batchnorm,
         prefetch_batches=config.ingest.prefetch_batches,
+        shuffle_buffer_size=config.ingest.shuffle_buffer_size,
         torch_threads=loop.torch_threads,
         resolved_config={**to_dict(config), "seed": loop.seed,
                          "segmenter": {"arch": arch, "num_outputs": num_outputs, "stage": stage,

@@ -78,6 +78,7 @@ class LoopSpec:
     amp: bool = True
     sync_batchnorm: bool = True
     prefetch_batches: int = 2
+    shuffle_buffer_size: int = 0  # rows of the local shuffle buffer (0: batches in stream order)
     torch_threads: int = 0  # 0: Ray's default (OMP_NUM_THREADS = CPUs of the worker)
     resolved_config: dict = field(default_factory=dict)
 
@@ -279,7 +280,8 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
     while state.step < spec.last_step:
         steps_this_epoch = 0
         for batch in shard.iter_torch_batches(batch_size=spec.batch_size_per_worker, drop_last=True,
-                                              prefetch_batches=spec.prefetch_batches, device=device):
+                                              prefetch_batches=spec.prefetch_batches, device=device,
+                                              local_shuffle_buffer_size=spec.shuffle_buffer_size or None):
             state.epoch = state.step // spec.steps_per_epoch
             state.lr = spec.lr_at(state.step, spec.total_steps)
             for group in optimizer.param_groups:

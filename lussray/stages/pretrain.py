@@ -124,6 +124,7 @@ def build_spec(config: LussConfig, data: str, run: str, *, max_steps: Optional[i
         amp=loop.amp,
         sync_batchnorm=loop.sync_batchnorm,
         prefetch_batches=config.ingest.prefetch_batches,
+        shuffle_buffer_size=config.ingest.shuffle_buffer_size,
         torch_threads=loop.torch_threads,
         resolved_config={**to_dict(config), "seed": loop.seed},
     )

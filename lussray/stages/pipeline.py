@@ -1,0 +1,206 @@
+"""``lussray run``: every stage in order, each skipped when complete, then the metrics and a report.
+
+    lussray run --dataset synthetic-demo --data demo-out/shards --run demo-out/run --baselines --crf
+    ray job submit --working-dir . -- lussray run --dataset imagenet-s919 --data s3://b/shards --run s3://b/runs/s919
+
+Stages: ``train`` (PASS pretraining), ``attention``, ``labelgen``, ``finetune``, ``predict``
+(validation, the evaluator's Hungarian matching; ``--crf`` also writes ``validation-crf``;
+``--test`` also predicts the test split and packs its submission). Each stage records its own
+completion (a final checkpoint, ``summary.json``, a manifest), so a rerun of ``lussray run`` after an
+interruption passes over finished stages in seconds and continues inside the one that stopped.
+
+``--baselines`` also scores, on the same validation images with the same evaluator:
+
+- ``all_other``: every pixel "other";
+- ``random_backbone``: the whole pipeline without pretraining, i.e. attention, label generation,
+  fine-tuning and prediction from a seeded random backbone (in ``<run>/baselines/random-backbone``);
+- ``pseudo_labels``: the pseudo labels themselves (labelgen's nearest-centroid pixel labels at its
+  chosen tau) on validation, before any fine-tuning. The tau is chosen on validation, so this
+  baseline is, if anything, optimistic.
+
+Writes ``<run>/metrics.json`` (last, atomically) and ``<run>/report.html``; the final line printed
+is one JSON object: ``{"mIoU", "Acc", "F", "baselines": {name: mIoU}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from lussray import storage
+from lussray.config import LussConfig
+from lussray.errors import UserError
+from lussray.stages import attention, finetune, labelgen, predict, pretrain
+
+STAGE = "run"
+METRICS_FILE = "metrics.json"
+BASELINES = "baselines"
+
+
+def stage_args(data: str, run: str, **flags: Any) -> argparse.Namespace:
+    """The namespace a stage's ``run(args, config)`` reads, with every flag at its default."""
+    defaults = {"max_steps": None, "init": None, "checkpoint": None, "tau": None, "split": "validation",
+                "out": None, "match": None, "submission": False, "method": None, "crf": False}
+    return argparse.Namespace(data=data, run=run, **{**defaults, **flags})
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """mIoU, Img-Acc and F of an evaluator summary (percent)."""
+    return {"mIoU": metrics.get("mIoU"), "Acc": metrics.get("Acc"), "F": metrics.get("FMeasure")}
+
+
+class _Timer:
+    """Seconds per stage, printed as each one ends."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.seconds = prefix, {}
+
+    def run(self, name: str, fn, *args) -> Any:
+        print(f"[{STAGE}] {self.prefix}{name} ...", flush=True)
+        started = time.perf_counter()
+        result = fn(*args)
+        if isinstance(result, int) and result != 0:
+            raise UserError(f"stage {name} exited with {result}")
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        print(f"[{STAGE}] {self.prefix}{name}: {self.seconds[name]} s", flush=True)
+        return result
+
+
+def run_stages(config: LussConfig, data: str, run: str, *, init: str | None, crf: bool, test: bool,
+               timer: _Timer) -> dict[str, Any]:
+    """Pretraining (unless ``init`` gives the backbone) through validation predictions; their summary."""
+    if init is None:
+        timer.run("train", pretrain.run, stage_args(data, run), config)
+    timer.run("attention", attention.run, stage_args(data, run, init=init), config)
+    timer.run("labelgen", labelgen.run, stage_args(data, run), config)
+    timer.run("finetune", finetune.run, stage_args(None, run, init=init), config)
+    timer.run("predict", predict.run, stage_args(data, run, split="validation"), config)
+    if crf:
+        timer.run("predict-crf", predict.run, stage_args(data, run, split="validation", crf=True), config)
+    if test:
+        timer.run("predict-test", predict.run, stage_args(data, run, split="test", submission=True), config)
+    return storage.read_json(storage.join(run, predict.STAGE, "validation", predict.SUMMARY_FILE))
+
+
+# -- baselines ------------------------------------------------------------------------------------
+
+
+class AllOtherPredictor:
+    """The trivial baseline: every pixel "other" (a :class:`lussray.stages.predict.Predictor`)."""
+
+    def predict(self, images, sizes, labels) -> list[np.ndarray]:
+        return [np.zeros(tuple(size), np.int64) for size in sizes]
+
+
+def all_other_baseline(config: LussConfig, data: str, run: str) -> dict[str, Any]:
+    """Scores of the all-"other" prediction (no matching needed: 0 is 0)."""
+    out = storage.join(run, BASELINES, "all-other")
+    summary_path = storage.join(out, predict.SUMMARY_FILE)
+    if storage.exists(summary_path):
+        return storage.read_json(summary_path)["metrics"]
+    result = predict.predict_split(config, data, "validation", out, AllOtherPredictor, {}, pool=config.predict,
+                                   evaluate=True, stage=STAGE)
+    metrics, _ = predict.score(result.accumulator, predict.IDENTITY)
+    summary = {"num_images": len(result.keys), "metrics": predict.json_safe(metrics.to_dict())}
+    storage.write_json_atomic(summary_path, summary)
+    return summary["metrics"]
+
+
+def random_backbone_checkpoint(config: LussConfig, run: str) -> str:
+    """A seeded random stage-1 model saved as a checkpoint (``<run>/baselines/random-backbone/init.pt``)."""
+    import io
+
+    import torch
+
+    from lussray.models.pass_model import PASSModel
+
+    path = storage.join(run, BASELINES, "random-backbone", "init.pt")
+    if not storage.exists(path):
+        pre = config.pretrain
+        torch.manual_seed(pre.loop.seed)
+        model = PASSModel(arch=pre.arch, hidden_dim=pre.hidden_mlp, feat_dim=pre.feat_dim,
+                          num_prototypes=pre.num_prototypes, shallow_stages=[])
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "step": 0}, buffer)
+        storage.write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def pseudo_label_baseline(run: str) -> dict[str, Any] | None:
+    """The pseudo labels' validation scores at labelgen's tau (None when tau was fixed, not swept)."""
+    tau = storage.read_json(storage.join(run, labelgen.STAGE, "tau.json"))
+    return tau.get("best")
+
+
+def baselines(config: LussConfig, data: str, run: str, *, timer: _Timer) -> dict[str, dict[str, Any]]:
+    """Every baseline's evaluator summary, by name."""
+    out: dict[str, dict[str, Any]] = {}
+    out["all_other"] = timer.run("baseline all_other", all_other_baseline, config, data, run)
+    pseudo = pseudo_label_baseline(run)
+    if pseudo is not None:
+        out["pseudo_labels"] = pseudo
+    random_run = storage.join(run, BASELINES, "random-backbone")
+    init = random_backbone_checkpoint(config, run)
+    sub_timer = _Timer("random_backbone/")
+    summary = run_stages(config, data, random_run, init=init, crf=False, test=False, timer=sub_timer)
+    timer.seconds.update({f"random_backbone/{k}": v for k, v in sub_timer.seconds.items()})
+    out["random_backbone"] = summary["metrics"]
+    return out
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+
+def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
+    """A fixed-width table of mIoU, Img-Acc and F per row."""
+    lines = [f"{'':<24}{'mIoU':>8}{'Acc':>8}{'F':>8}"]
+    for name, metrics in rows.items():
+        values = headline(metrics)
+        lines.append(f"{name:<24}" + "".join(f"{'-' if v is None else f'{v:.2f}':>8}" for v in values.values()))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``lussray run``."""
+    parser.add_argument("--baselines", action="store_true",
+                        help="also score all-'other', the pipeline from a random backbone and the raw pseudo labels")
+    parser.add_argument("--crf", action="store_true", help="also predict validation with dense-CRF refinement")
+    parser.add_argument("--test", action="store_true", help="also predict the test split and pack its submission")
+    parser.add_argument("--no-report", action="store_true", help="skip <run>/report.html")
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """The whole pipeline on ``--data`` into ``--run``."""
+    from lussray.data.ingest import init_ray
+
+    if not args.data or not args.run:
+        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
+    data, run_root = predict.absolute(args.data), predict.absolute(args.run)
+    if args.crf:
+        predict.crf_refiner(config)  # fails now, not after an hour of training, without the extra
+    init_ray(config.ray)
+    started, timer = time.perf_counter(), _Timer("")
+    summary = run_stages(config, data, run_root, init=None, crf=args.crf, test=args.test, timer=timer)
+    rows = {"pipeline": summary["metrics"]}
+    if args.crf:
+        crf_summary = storage.join(run_root, predict.STAGE, predict.split_folder("validation", True),
+                                   predict.SUMMARY_FILE)
+        rows["pipeline + CRF"] = storage.read_json(crf_summary)["metrics"]
+    found = baselines(config, data, run_root, timer=timer) if args.baselines else {}
+    result = {"metrics": rows, "baselines": found, "stage_seconds": timer.seconds,
+              "seconds": round(time.perf_counter() - started, 1), "data": data, "run": run_root}
+    storage.write_json_atomic(storage.join(run_root, METRICS_FILE), result)
+    print(f"[{STAGE}] validation, fully unsupervised (percent):\n{metrics_table({**rows, **found})}", flush=True)
+    if not args.no_report:
+        from lussray.report import write_report
+
+        path = timer.run("report", write_report, config, data, run_root)
+        print(f"[{STAGE}] report: {path}", flush=True)
+    print(json.dumps({**headline(summary["metrics"]),
+                      "baselines": {name: headline(m)["mIoU"] for name, m in found.items()}}), flush=True)
+    return 0
+
