@@ -200,6 +200,10 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
 
         path = timer.run("report", write_report, config, data, run_root)
         print(f"[{STAGE}] report: {path}", flush=True)
+    import ray
+
+    # Ray forwards worker output asynchronously; disconnecting first keeps the JSON the last line.
+    ray.shutdown()
     print(json.dumps({**headline(summary["metrics"]),
                       "baselines": {name: headline(m)["mIoU"] for name, m in found.items()}}), flush=True)
     return 0
