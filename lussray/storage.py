@@ -29,6 +29,11 @@ def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str) -> str:
+    """``path`` made absolute when local (Ray workers run in their own directories); URIs as they are."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
 def join(base: str, *parts: str) -> str:
     """Join path components for a local path or a URI."""
     base = str(base)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass
 
 from torch import nn
@@ -23,10 +22,8 @@ from lussray.data.shards import read_manifest
 from lussray.errors import UserError
 from lussray.models.checkpoints import load_pretrained
 from lussray.models.pass_model import PixelAttentionModel
-from lussray.optim.lars import LARS
-from lussray.optim.schedules import cosine_schedule
 from lussray.stages import pretrain
-from lussray.stages.loop import LoopSpec, StepState, latest_checkpoint
+from lussray.stages.loop import LoopSpec, StepState, given_or_latest, lars_cosine_spec, steps_per_epoch
 
 STAGE = "attention"
 
@@ -50,20 +47,8 @@ class AttentionMethod(pretrain.PretrainMethod):
 
 
 def stage1_checkpoint(run: str, init: str | None) -> str:
-    """``--init`` if given, else the latest stage-1 checkpoint of the run.
-
-    Raises:
-        UserError: when neither exists.
-    """
-    if init:
-        if not storage.exists(init):
-            raise UserError(f"--init {init}: no such checkpoint")
-        return init
-    found = latest_checkpoint(storage.join(run, pretrain.STAGE))
-    if found is None:
-        raise UserError(f"no stage-1 checkpoint under {storage.join(run, pretrain.STAGE)}: "
-                        f"run `python -m lussray.train` first or pass --init CHECKPOINT")
-    return found
+    """``--init`` if given, else the latest stage-1 checkpoint of the run (UserError when neither exists)."""
+    return given_or_latest(init, "--init", run, pretrain.STAGE, "stage-1", "python -m lussray.train")
 
 
 def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str, *,
@@ -71,11 +56,8 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str, *,
     """The worker-side description of a pixel-attention run."""
     att, loop = config.attention, config.attention.loop
     num_samples = read_manifest(data, "train")["num_samples"]
+    steps = steps_per_epoch(num_samples, loop, STAGE, storage.join(data, "train"))
     global_batch = loop.batch_size_per_worker * loop.num_workers
-    steps_per_epoch = num_samples // global_batch
-    if steps_per_epoch < 1:
-        raise UserError(f"{num_samples} training images are fewer than one global batch of {global_batch}: "
-                        f"lower attention.loop.batch_size_per_worker or num_workers")
     # Stage 1's architecture and SwAV settings, with the attention stage's queue and freezing.
     method_config = dataclasses.replace(
         config.pretrain, queue_length=att.queue_length, queue_start_epoch=att.queue_start_epoch,
@@ -83,29 +65,9 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str, *,
         crops=att.crops, loop=loop)
     queue = pretrain.queue_length_per_worker(att.queue_length, global_batch, loop.num_workers)
     method_kwargs = {"config": method_config, "num_views": sum(att.crops.num_crops), "queue_per_worker": queue,
-                         "init_checkpoint": init_checkpoint}
-    optim_kwargs = {"lr": loop.base_lr, "momentum": loop.momentum, "weight_decay": loop.weight_decay,
-                        "trust_coefficient": loop.lars_trust_coefficient}
-    return LoopSpec(
-        stage=STAGE,
-        method_factory=lambda: AttentionMethod(**method_kwargs),
-        optimizer_factory=lambda params: LARS(params, **optim_kwargs),
-        lr_at=lambda step, total: cosine_schedule(step, total_steps=total, base_value=loop.base_lr,
-                                                  final_value=loop.final_lr, warmup_steps=loop.warmup_steps),
-        run_dir=storage.join(run, STAGE),
-        batch_size_per_worker=loop.batch_size_per_worker,
-        steps_per_epoch=steps_per_epoch,
-        epochs=loop.epochs,
-        checkpoint_every_steps=loop.checkpoint_every_steps,
-        log_every_steps=loop.log_every_steps,
-        max_steps=max_steps,
-        amp=loop.amp,
-        sync_batchnorm=loop.sync_batchnorm,
-        prefetch_batches=config.ingest.prefetch_batches,
-        shuffle_buffer_size=config.ingest.shuffle_buffer_size,
-        torch_threads=loop.torch_threads,
-        resolved_config={**to_dict(config), "seed": loop.seed},
-    )
+                     "init_checkpoint": init_checkpoint}
+    return lars_cosine_spec(STAGE, lambda: AttentionMethod(**method_kwargs), loop, config.ingest, run,
+                            num_steps_per_epoch=steps, max_steps=max_steps, resolved_config=to_dict(config))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +84,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
 
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
-    data, run_root = (path if storage.is_uri(path) else os.path.abspath(path) for path in (args.data, args.run))
+    data, run_root = (storage.absolute(path) for path in (args.data, args.run))
     init = stage1_checkpoint(run_root, args.init)
     spec = build_spec(config, data, run_root, init, max_steps=args.max_steps)
     if completed_checkpoint(spec):

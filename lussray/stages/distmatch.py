@@ -243,7 +243,7 @@ def backbone_checkpoint(run: str | None, given: str | None) -> str | None:
     if given == RANDOM_BACKBONE:
         return None
     if given:
-        given = predict.absolute(given)
+        given = storage.absolute(given)
         if not storage.exists(given):
             raise UserError(f"--checkpoint {given}: no such file")
         return given
@@ -267,11 +267,11 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
 
     if not args.data:
         raise UserError("--data DIR (shards of `lussray prepare`, with train-semi) is required")
-    data = predict.absolute(args.data)
-    run_root = predict.absolute(args.run) if args.run else None
+    data = storage.absolute(args.data)
+    run_root = storage.absolute(args.run) if args.run else None
     if not args.out and not run_root:
         raise UserError("--out DIR or --run DIR is required")
-    out = predict.absolute(args.out) if args.out else storage.join(run_root, STAGE, args.split)
+    out = storage.absolute(args.out) if args.out else storage.join(run_root, STAGE, args.split)
     checkpoint = backbone_checkpoint(run_root, args.checkpoint)
     finetune.check_backbone(checkpoint, config.pretrain.arch)
     init_ray(config.ray)

@@ -23,7 +23,6 @@ truth through :func:`train_segmenter`.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +36,14 @@ from lussray.data.shards import MANIFEST, read_manifest
 from lussray.errors import UserError
 from lussray.models.checkpoints import load_pretrained
 from lussray.models.segmenter import Segmenter, segmentation_loss
-from lussray.optim.lars import LARS
-from lussray.optim.schedules import cosine_schedule
-from lussray.stages.loop import LoopSpec, StepState, completed_checkpoint, latest_checkpoint
+from lussray.stages.loop import (
+    LoopSpec,
+    StepState,
+    completed_checkpoint,
+    lars_cosine_spec,
+    latest_checkpoint,
+    steps_per_epoch,
+)
 from lussray.stages.pretrain import normalize_views
 
 STAGE = "finetune"
@@ -149,37 +153,14 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str | N
     loop = loop or config.finetune.loop
     arch = config.pretrain.arch
     num_samples = read_manifest(data, split)["num_samples"]
-    global_batch = loop.batch_size_per_worker * loop.num_workers
-    steps_per_epoch = num_samples // global_batch
-    if steps_per_epoch < 1:
-        raise UserError(f"{num_samples} images in {storage.join(data, split)} are fewer than one global batch of "
-                        f"{global_batch}: lower {stage}.loop.batch_size_per_worker or num_workers")
+    steps = steps_per_epoch(num_samples, loop, stage, storage.join(data, split))
     method_kwargs = {"arch": arch, "num_outputs": num_outputs, "init_checkpoint": init_checkpoint,
                      "ignore_index": ignore_index, "stage": stage}
-    optim_kwargs = {"lr": loop.base_lr, "momentum": loop.momentum, "weight_decay": loop.weight_decay,
-                    "trust_coefficient": loop.lars_trust_coefficient}
-    return LoopSpec(
-        stage=stage,
-        method_factory=lambda: SegmentationMethod(**method_kwargs),
-        optimizer_factory=lambda params: LARS(params, **optim_kwargs),
-        lr_at=lambda step, total: cosine_schedule(step, total_steps=total, base_value=loop.base_lr,
-                                                  final_value=loop.final_lr, warmup_steps=loop.warmup_steps),
-        run_dir=storage.join(run, stage),
-        batch_size_per_worker=loop.batch_size_per_worker,
-        steps_per_epoch=steps_per_epoch,
-        epochs=loop.epochs,
-        checkpoint_every_steps=loop.checkpoint_every_steps,
-        log_every_steps=loop.log_every_steps,
-        max_steps=max_steps,
-        amp=loop.amp,
-        sync_batchnorm=loop.sync_batchnorm,
-        prefetch_batches=config.ingest.prefetch_batches,
-        shuffle_buffer_size=config.ingest.shuffle_buffer_size,
-        torch_threads=loop.torch_threads,
-        resolved_config={**to_dict(config), "seed": loop.seed,
-                         "segmenter": {"arch": arch, "num_outputs": num_outputs, "stage": stage,
-                                       "init": init_checkpoint, "data": data, "split": split}},
-    )
+    segmenter = {"arch": arch, "num_outputs": num_outputs, "stage": stage, "init": init_checkpoint, "data": data,
+                 "split": split}
+    return lars_cosine_spec(stage, lambda: SegmentationMethod(**method_kwargs), loop, config.ingest, run,
+                            num_steps_per_epoch=steps, max_steps=max_steps,
+                            resolved_config={**to_dict(config), "segmenter": segmenter})
 
 
 def train_segmenter(config: LussConfig, data: str, run: str, init_checkpoint: str | None, *, num_outputs: int,
@@ -215,12 +196,7 @@ def init_checkpoint(run: str, given: str | None) -> str | None:
 
     if given == RANDOM_INIT:
         return None
-    return stage1_checkpoint(run, absolute(given) if given else None)
-
-
-def absolute(path: str) -> str:
-    """Ray workers run in their own directories: hand them absolute local paths."""
-    return path if storage.is_uri(path) else os.path.abspath(path)
+    return stage1_checkpoint(run, storage.absolute(given) if given else None)
 
 
 def num_categories(config: LussConfig, data: str) -> int:
@@ -249,8 +225,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     """Fine-tune on the pseudo labels into ``<run>/finetune`` (resuming when it holds a checkpoint)."""
     if not args.run:
         raise UserError("--run DIR is required")
-    run_root = absolute(args.run)
-    data = absolute(args.data) if args.data else storage.join(run_root, *PSEUDO_LABELS)
+    run_root = storage.absolute(args.run)
+    data = storage.absolute(args.data) if args.data else storage.join(run_root, *PSEUDO_LABELS)
     if not storage.exists(storage.join(data, "train", MANIFEST)):
         raise UserError(f"no pseudo labels at {storage.join(data, 'train', MANIFEST)}: run `lussray labelgen` "
                         f"first, or pass --data with (image, label) shards")

@@ -321,17 +321,9 @@ def pixel_labeler(config: LussConfig, run: str) -> LabelShards:
 
 def attention_checkpoint(run: str, given: str | None) -> str:
     """``--checkpoint`` if given, else the latest ``<run>/attention`` checkpoint."""
-    from lussray.stages.loop import latest_checkpoint
+    from lussray.stages.loop import given_or_latest
 
-    if given:
-        if not storage.exists(given):
-            raise UserError(f"--checkpoint {given}: no such file")
-        return given
-    found = latest_checkpoint(storage.join(run, ATTENTION_STAGE))
-    if found is None:
-        raise UserError(f"no pixel-attention checkpoint under {storage.join(run, ATTENTION_STAGE)}: "
-                        f"run `lussray attention` first or pass --checkpoint")
-    return found
+    return given_or_latest(given, "--checkpoint", run, ATTENTION_STAGE, "pixel-attention", "lussray attention")
 
 
 def _check_inputs(outputs: Outputs, inputs: dict[str, Any]) -> None:
@@ -470,7 +462,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
 
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
-    data, run_root = (path if storage.is_uri(path) else os.path.abspath(path) for path in (args.data, args.run))
+    data, run_root = (storage.absolute(path) for path in (args.data, args.run))
     outputs = Outputs(storage.join(run_root, STAGE))
     checkpoint = attention_checkpoint(run_root, args.checkpoint)
     cfg = config.labelgen

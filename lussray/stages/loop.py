@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lussray import storage
+from lussray.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,54 @@ class LoopSpec:
         return min(self.total_steps, self.max_steps) if self.max_steps else self.total_steps
 
 
+def steps_per_epoch(num_samples: int, loop: Any, stage: str, where: str) -> int:
+    """Full global batches in one pass over ``num_samples`` images.
+
+    Raises:
+        UserError: if there is not even one (``where`` names the data in the message).
+    """
+    global_batch = loop.batch_size_per_worker * loop.num_workers
+    if num_samples < global_batch:
+        raise UserError(f"{num_samples} images in {where} are fewer than one global batch of {global_batch}: "
+                        f"lower {stage}.loop.batch_size_per_worker or num_workers")
+    return num_samples // global_batch
+
+
+def lars_cosine_spec(stage: str, method_factory: Callable[[], Method], loop: Any, ingest: Any, run: str, *,
+                     num_steps_per_epoch: int, max_steps: Optional[int], resolved_config: dict) -> LoopSpec:
+    """A :class:`LoopSpec` with the shared recipe of every lussray training stage.
+
+    LARS (SGD momentum + LARC trust ratio) with a per-step cosine schedule from ``loop.base_lr`` to
+    ``loop.final_lr``, and the loop and ingest settings of the stage's ``TrainLoopConfig`` and
+    ``IngestConfig``; the stage supplies its method, run folder name and step count.
+    """
+    from lussray.optim.lars import LARS
+    from lussray.optim.schedules import cosine_schedule
+
+    optim_kwargs = {"lr": loop.base_lr, "momentum": loop.momentum, "weight_decay": loop.weight_decay,
+                    "trust_coefficient": loop.lars_trust_coefficient}
+    return LoopSpec(
+        stage=stage,
+        method_factory=method_factory,
+        optimizer_factory=lambda params: LARS(params, **optim_kwargs),
+        lr_at=lambda step, total: cosine_schedule(step, total_steps=total, base_value=loop.base_lr,
+                                                  final_value=loop.final_lr, warmup_steps=loop.warmup_steps),
+        run_dir=storage.join(run, stage),
+        batch_size_per_worker=loop.batch_size_per_worker,
+        steps_per_epoch=num_steps_per_epoch,
+        epochs=loop.epochs,
+        checkpoint_every_steps=loop.checkpoint_every_steps,
+        log_every_steps=loop.log_every_steps,
+        max_steps=max_steps,
+        amp=loop.amp,
+        sync_batchnorm=loop.sync_batchnorm,
+        prefetch_batches=ingest.prefetch_batches,
+        shuffle_buffer_size=ingest.shuffle_buffer_size,
+        torch_threads=loop.torch_threads,
+        resolved_config={**resolved_config, "seed": loop.seed},
+    )
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -154,6 +203,34 @@ def latest_checkpoint(stage_dir: str) -> Optional[str]:
         if storage.exists(path):
             return path
     return None
+
+
+def given_or_latest(given: Optional[str], flag: str, run: Optional[str], stage: str, what: str,
+                    command: str) -> str:
+    """The checkpoint a stage starts from: ``flag``'s file if given, else the latest under ``<run>/<stage>``.
+
+    Args:
+        given: the flag's value (None when absent).
+        flag: the flag's name, for messages (``--init``, ``--checkpoint``).
+        run: the run folder (None when the command has none).
+        stage: the producing stage's folder name.
+        what: the kind of checkpoint, for messages ("stage-1", "segmentation").
+        command: the command that writes it, for messages.
+
+    Raises:
+        UserError: when the given file is missing, or neither exists.
+    """
+    if given:
+        if not storage.exists(given):
+            raise UserError(f"{flag} {given}: no such checkpoint")
+        return given
+    if not run:
+        raise UserError(f"{flag} CHECKPOINT or --run DIR (with a {what} checkpoint) is required")
+    found = latest_checkpoint(storage.join(run, stage))
+    if found is None:
+        raise UserError(f"no {what} checkpoint under {storage.join(run, stage)}: run `{command}` first or pass "
+                        f"{flag} CHECKPOINT")
+    return found
 
 
 def checkpoint_step(path: Optional[str]) -> int:

@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
 
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
-    data, run_root = predict.absolute(args.data), predict.absolute(args.run)
+    data, run_root = storage.absolute(args.data), storage.absolute(args.run)
     if args.crf:
         predict.crf_refiner(config)  # fails now, not after an hour of training, without the extra
     init_ray(config.ray)

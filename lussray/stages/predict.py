@@ -394,24 +394,10 @@ def segmenter_shape(checkpoint: str, default_arch: str) -> tuple[str, int]:
 
 
 def finetune_checkpoint(run: str | None, given: str | None, stage: str = "finetune") -> str:
-    """``--checkpoint`` if given, else the latest ``<run>/<stage>`` checkpoint.
+    """``--checkpoint`` if given, else the latest ``<run>/<stage>`` checkpoint (UserError when neither exists)."""
+    from lussray.stages.loop import given_or_latest
 
-    Raises:
-        UserError: when neither exists.
-    """
-    from lussray.stages.loop import latest_checkpoint
-
-    if given:
-        if not storage.exists(given):
-            raise UserError(f"--checkpoint {given}: no such file")
-        return given
-    if not run:
-        raise UserError("--checkpoint CKPT or --run DIR (with a finetune checkpoint) is required")
-    found = latest_checkpoint(storage.join(run, stage))
-    if found is None:
-        raise UserError(f"no segmentation checkpoint under {storage.join(run, stage)}: "
-                        f"run `lussray {stage}` first or pass --checkpoint")
-    return found
+    return given_or_latest(given, "--checkpoint", run, stage, "segmentation", f"lussray {stage}")
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -503,11 +489,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def absolute(path: str) -> str:
-    """Ray workers run in their own directories: hand them absolute local paths."""
-    return path if storage.is_uri(path) else os.path.abspath(path)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lussray predict``."""
     parser.add_argument("--split", required=True, choices=("validation", "test", "train-semi"),
@@ -548,7 +529,7 @@ def resolve_match(args: argparse.Namespace, run: str | None, crf: bool = False) 
     if args.match:
         if not storage.exists(args.match):
             raise UserError(f"--match {args.match}: no such file")
-        return absolute(args.match)
+        return storage.absolute(args.match)
     if args.split == "validation":
         return HUNGARIAN
     if run:
@@ -567,13 +548,13 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
 
     if not args.data:
         raise UserError("--data DIR (shards of `lussray prepare`) is required")
-    data = absolute(args.data)
-    run_root = absolute(args.run) if args.run else None
+    data = storage.absolute(args.data)
+    run_root = storage.absolute(args.run) if args.run else None
     if not args.out and not run_root:
         raise UserError("--out DIR or --run DIR is required")
     crf = bool(args.crf or config.predict.crf)
-    out = absolute(args.out) if args.out else storage.join(run_root, STAGE, split_folder(args.split, crf))
-    checkpoint = finetune_checkpoint(run_root, absolute(args.checkpoint) if args.checkpoint else None)
+    out = storage.absolute(args.out) if args.out else storage.join(run_root, STAGE, split_folder(args.split, crf))
+    checkpoint = finetune_checkpoint(run_root, storage.absolute(args.checkpoint) if args.checkpoint else None)
     match = resolve_match(args, run_root, crf)
     refine_fn = crf_refiner(config) if crf else None
     init_ray(config.ray)

@@ -11,7 +11,6 @@ Checkpoints go to ``<run>/pretrain/checkpoint_step=<N>/checkpoint.pt``; a rerun 
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,9 +25,7 @@ from lussray.errors import UserError
 from lussray.methods.pass_ import PASSMethod
 from lussray.models.checkpoints import load_pretrained
 from lussray.models.pass_model import PASSModel
-from lussray.optim.lars import LARS
-from lussray.optim.schedules import cosine_schedule
-from lussray.stages.loop import LoopSpec, StepState
+from lussray.stages.loop import LoopSpec, StepState, lars_cosine_spec, steps_per_epoch
 
 STAGE = "pretrain"
 
@@ -98,36 +95,13 @@ def build_spec(config: LussConfig, data: str, run: str, *, max_steps: Optional[i
     """The worker-side description of a pretraining run."""
     cfg, loop = config.pretrain, config.pretrain.loop
     num_samples = read_manifest(data, "train")["num_samples"]
+    steps = steps_per_epoch(num_samples, loop, STAGE, storage.join(data, "train"))
     global_batch = loop.batch_size_per_worker * loop.num_workers
-    steps_per_epoch = num_samples // global_batch
-    if steps_per_epoch < 1:
-        raise UserError(f"{num_samples} training images are fewer than one global batch of {global_batch}: "
-                        f"lower pretrain.loop.batch_size_per_worker or num_workers")
     queue = queue_length_per_worker(cfg.queue_length, global_batch, loop.num_workers)
-    method_kwargs = dict(config=cfg, num_views=sum(cfg.crops.num_crops), queue_per_worker=queue,
-                         init_checkpoint=init_checkpoint)
-    optim_kwargs = dict(lr=loop.base_lr, momentum=loop.momentum, weight_decay=loop.weight_decay,
-                        trust_coefficient=loop.lars_trust_coefficient)
-    return LoopSpec(
-        stage=STAGE,
-        method_factory=lambda: PretrainMethod(**method_kwargs),
-        optimizer_factory=lambda params: LARS(params, **optim_kwargs),
-        lr_at=lambda step, total: cosine_schedule(step, total_steps=total, base_value=loop.base_lr,
-                                                  final_value=loop.final_lr, warmup_steps=loop.warmup_steps),
-        run_dir=storage.join(run, STAGE),
-        batch_size_per_worker=loop.batch_size_per_worker,
-        steps_per_epoch=steps_per_epoch,
-        epochs=loop.epochs,
-        checkpoint_every_steps=loop.checkpoint_every_steps,
-        log_every_steps=loop.log_every_steps,
-        max_steps=max_steps,
-        amp=loop.amp,
-        sync_batchnorm=loop.sync_batchnorm,
-        prefetch_batches=config.ingest.prefetch_batches,
-        shuffle_buffer_size=config.ingest.shuffle_buffer_size,
-        torch_threads=loop.torch_threads,
-        resolved_config={**to_dict(config), "seed": loop.seed},
-    )
+    method_kwargs = {"config": cfg, "num_views": sum(cfg.crops.num_crops), "queue_per_worker": queue,
+                     "init_checkpoint": init_checkpoint}
+    return lars_cosine_spec(STAGE, lambda: PretrainMethod(**method_kwargs), loop, config.ingest, run,
+                            num_steps_per_epoch=steps, max_steps=max_steps, resolved_config=to_dict(config))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +119,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
     # Ray workers run in their own working directories: hand them absolute paths.
-    data, run_root = (path if storage.is_uri(path) else os.path.abspath(path) for path in (args.data, args.run))
+    data, run_root = (storage.absolute(path) for path in (args.data, args.run))
     spec = build_spec(config, data, run_root, max_steps=args.max_steps, init_checkpoint=args.init)
     if completed_checkpoint(spec):
         return 0

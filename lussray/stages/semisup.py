@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     """Fine-tune on train-semi, predict validation, evaluate with ground-truth ids."""
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`, with train-semi) and --run DIR are required")
-    data, run_root = finetune.absolute(args.data), finetune.absolute(args.run)
+    data, run_root = storage.absolute(args.data), storage.absolute(args.run)
     for split in (TRAIN_SPLIT, EVAL_SPLIT):
         if not read_manifest(data, split).get("has_segmentation"):
             raise UserError(f"{storage.join(data, split)} has no ground truth (seg.png): the protocol needs it")
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     checkpoint = finetune.train_segmenter(
         config, data, run_root, init, num_outputs=num_classes + 1, ingest=ingest, max_steps=args.max_steps,
         stage=STAGE, split=TRAIN_SPLIT, loop=config.semisup.loop, ignore_index=IGNORE_ID)
-    out = finetune.absolute(args.out) if args.out else storage.join(run_root, STAGE, EVAL_SPLIT)
+    out = storage.absolute(args.out) if args.out else storage.join(run_root, STAGE, EVAL_SPLIT)
     summary = predict.predict_segmenter(config, data, EVAL_SPLIT, out, checkpoint, match=predict.IDENTITY,
                                         stage=STAGE, inputs={"init": init or finetune.RANDOM_INIT})
     if "metrics" in summary:
