@@ -105,6 +105,24 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path))
 
 
+#: Prefix of the temporary files of :func:`write_bytes_atomic` (a killed writer may leave one).
+TMP_PREFIX = ".tmp-"
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Delete the temporary files a killed :func:`write_bytes_atomic` left in a local ``folder``.
+
+    Returns:
+        How many were removed (object stores get no temporaries: always 0 there).
+    """
+    if is_uri(folder) or not os.path.isdir(folder):
+        return 0
+    stale = [name for name in os.listdir(folder) if name.startswith(TMP_PREFIX)]
+    for name in stale:
+        os.unlink(os.path.join(folder, name))
+    return len(stale)
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` so that ``path`` never holds a partial file."""
     if is_uri(path):
@@ -114,7 +132,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -255,6 +255,7 @@ def prepare_split(
             return manifest
         raise UserError(f"{manifest_path} describes another source tree; write to a new --out folder")
     storage.makedirs(out_dir)
+    storage.remove_stale_temporaries(out_dir)  # a killed run may have left one mid-write
 
     records: dict[int, dict[str, Any]] = {}
     todo = []
