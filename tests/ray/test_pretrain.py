@@ -54,6 +54,14 @@ def _checkpoints(run: Path) -> list[Path]:
     return sorted((run / "pretrain").glob("checkpoint_step=*"))
 
 
+def _loadable(path: Path) -> bool:
+    try:
+        torch.load(path, weights_only=True)
+        return True
+    except Exception:
+        return False
+
+
 def test_pretrain_learns_checkpoints_and_resumes_after_kill(shards, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -62,7 +70,7 @@ def test_pretrain_learns_checkpoints_and_resumes_after_kill(shards, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        if any((c / CHECKPOINT_FILE).exists() for c in _checkpoints(run)):
+        if any(_loadable(c / CHECKPOINT_FILE) for c in _checkpoints(run)):  # not one Ray is still copying
             break
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
