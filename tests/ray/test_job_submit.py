@@ -136,12 +136,16 @@ def test_ray_job_submit_pretrains_and_checkpoints(ray_head, shards, tmp_path):
     run = tmp_path / "run"
     job_id = f"lussray-test-{uuid.uuid4().hex[:8]}"
     # the README's command, from the repository root: the job runs the uploaded copy of the code
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
-         "--working-dir", ".", "--",
-         "python", "-m", "lussray.train", "--dataset", "synthetic-demo", "--data", str(shards), "--run", str(run),
-         "--max-steps", "2", *TINY],
-        check=False, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=120)
+    for _ in range(10):  # a fresh head's job agent may not be up yet: Ray answers "please try again later"
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", ray_head.address, "--submission-id", job_id,
+             "--no-wait", "--working-dir", ".", "--",
+             "python", "-m", "lussray.train", "--dataset", "synthetic-demo", "--data", str(shards), "--run",
+             str(run), "--max-steps", "2", *TINY],
+            check=False, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=120)
+        if submit.returncode == 0 or "No available agent to submit job" not in submit.stderr + submit.stdout:
+            break
+        time.sleep(3)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
 
     url = f"{ray_head.address}/api/jobs/{job_id}"
