@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,12 +55,14 @@ def _checkpoints(run: Path) -> list[Path]:
     return sorted((run / "pretrain").glob("checkpoint_step=*"))
 
 
-def _loadable(path: Path) -> bool:
+def _registered_steps(run: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's snapshot records (a copied but unrecorded one is not resumed)."""
+    snapshot = run / "pretrain" / "checkpoint_manager_snapshot.json"
     try:
-        torch.load(path, weights_only=True)
-        return True
-    except Exception:
-        return False
+        text = snapshot.read_text()
+    except OSError:
+        return []
+    return [int(step) for step in re.findall(r"checkpoint_step=(\d+)", text)]
 
 
 def test_pretrain_learns_checkpoints_and_resumes_after_kill(shards, tmp_path):
@@ -70,11 +73,13 @@ def test_pretrain_learns_checkpoints_and_resumes_after_kill(shards, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        if any(_loadable(c / CHECKPOINT_FILE) for c in _checkpoints(run)):  # not one Ray is still copying
+        if _registered_steps(run):  # written and recorded by Ray Train, so a rerun resumes from it
             break
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    registered = _registered_steps(run)
+    assert registered, "no checkpoint was registered before the deadline"
     saved = {}
     for folder in _checkpoints(run):
         try:
@@ -82,14 +87,13 @@ def test_pretrain_learns_checkpoints_and_resumes_after_kill(shards, tmp_path):
         except Exception:  # killed while Ray copied it: never registered, so never resumed from
             continue
         saved[state["step"]] = state_fingerprint(state)
-    assert saved, "no checkpoint was written before the deadline"
 
     # 2. the rerun resumes at that step with the same optimizer and queue state, then learns on
     result = subprocess.run(_train_cmd(shards, run, 24), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = _metrics(run)
     resume = [r for r in rows if r.get("event") == "resume"]
-    assert len(resume) == 1 and resume[0]["step"] == max(saved) >= 4
+    assert len(resume) == 1 and resume[0]["step"] == max(registered) >= 4
     assert resume[0]["state_fingerprint"] == pytest.approx(saved[resume[0]["step"]], rel=1e-9)
 
     steps = [r for r in rows if "loss" in r]
