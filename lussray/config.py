@@ -50,6 +50,9 @@ class SynthConfig:
     semi_per_class: int = 4  # train-semi images (with ground truth) per class
     size: int = 128
     seed: int = 0
+    min_area: float = 0.02  # smallest area fraction of the main object
+    background_contrast: float = 1.0  # 0: flat backgrounds, 1: full-contrast textures
+    background_pool_size: int = 32  # background styles shared by all images; 0: a new one per image
 
 
 @dataclass(frozen=True)

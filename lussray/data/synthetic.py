@@ -9,11 +9,12 @@ regular polygon, star or Fourier blob), its own texture (stripes, checker, dots,
 smooth noise, at a class frequency and orientation) and its own two-colour palette. Every image
 varies them (scale, rotation, aspect, colour jitter, shading, position, a slight random
 perturbation of the outline) and draws them on a background picked from a pool of textures shared
-by all categories. The main object covers ~2% to ~70% of the image; about 10% of the images carry
+by all categories (``background_pool_size``; 0 draws a new style for every image). The main object covers ~2% (``min_area``) to ~70% of the image; about 10% of the images carry
 a second object of another category, drawn on top (the mask shows the occlusion). The ground truth
 follows the official codec (``lussray.data.imagenet_s``): ids 1..N for the category of each
 object, 0 for the background, and a 2-px ignore band (1000) straddling every object boundary,
-one pixel on each side, covering the anti-aliased edge pixels.
+one pixel on each side, covering the anti-aliased edge pixels. ``background_contrast`` < 1 pulls
+the two colours of every background texture toward their midpoint (0: flat colour plus noise).
 
 Determinism: the pixels of an image come from a generator seeded by (seed, split, class, index)
 through ``numpy.random.SeedSequence`` and the class appearance from (seed, class), so the same
@@ -61,7 +62,7 @@ TEXTURES = ("stripes", "checker", "dots", "waves", "rings", "noise")
 BACKGROUND_TEXTURES = TEXTURES + ("gradient", "plain")
 BACKGROUND_POOL_SIZE = 32
 
-MIN_AREA_FRACTION = 0.02  # main object area, log-uniform between these
+MIN_AREA_FRACTION = 0.02  # default smallest main object area; log-uniform up to MAX_AREA_FRACTION
 MAX_AREA_FRACTION = 0.70
 SECOND_AREA_FRACTION = (0.02, 0.30)
 SECOND_OBJECT_PROBABILITY = 0.10
@@ -159,21 +160,22 @@ def class_appearance(seed: int, class_index: int) -> ClassAppearance:
 
 
 @lru_cache(maxsize=64)
-def background_pool(seed: int) -> tuple[BackgroundStyle, ...]:
+def background_pool(seed: int, size: int = BACKGROUND_POOL_SIZE) -> tuple[BackgroundStyle, ...]:
     """The background textures every image picks from, independent of the categories."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, _BACKGROUND_TAG]))
-    pool = []
-    for _ in range(BACKGROUND_POOL_SIZE):
-        texture = BACKGROUND_TEXTURES[int(rng.integers(len(BACKGROUND_TEXTURES)))]
-        hue, saturation, value = rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.25, 0.9)
-        first = _hsv(hue, saturation, value)
-        second = _hsv(hue + rng.uniform(-0.3, 0.3), saturation * rng.uniform(0.3, 1.2), value * rng.uniform(0.5, 1.3))
-        pool.append(BackgroundStyle(
-            texture=texture, frequency=float(rng.uniform(1.5, 10.0)),
-            texture_param=float(rng.uniform(0.2, 0.38)) if texture == "dots" else float(rng.uniform(0.15, 0.5)),
-            colors=(first, second),
-        ))
-    return tuple(pool)
+    return tuple(_background_style(rng) for _ in range(size))
+
+
+def _background_style(rng: np.random.Generator) -> BackgroundStyle:
+    texture = BACKGROUND_TEXTURES[int(rng.integers(len(BACKGROUND_TEXTURES)))]
+    hue, saturation, value = rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.25, 0.9)
+    first = _hsv(hue, saturation, value)
+    second = _hsv(hue + rng.uniform(-0.3, 0.3), saturation * rng.uniform(0.3, 1.2), value * rng.uniform(0.5, 1.3))
+    return BackgroundStyle(
+        texture=texture, frequency=float(rng.uniform(1.5, 10.0)),
+        texture_param=float(rng.uniform(0.2, 0.38)) if texture == "dots" else float(rng.uniform(0.15, 0.5)),
+        colors=(first, second),
+    )
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -349,10 +351,19 @@ def _paint_object(image: np.ndarray, place: _Placement, app: ClassAppearance, rn
     return mask, full_distance
 
 
-def _background(rng: np.random.Generator, seed: int, height: int, width: int) -> np.ndarray:
-    """A background drawn from the shared pool, with a random pose and colour jitter per image."""
-    pool = background_pool(seed)
-    style = pool[int(rng.integers(len(pool)))]
+def _background(rng: np.random.Generator, seed: int, height: int, width: int, contrast: float,
+                pool_size: int) -> np.ndarray:
+    """A background with a random pose and colour jitter per image.
+
+    Its style comes from the shared pool of ``pool_size`` styles, or is drawn for this image alone
+    when ``pool_size`` is 0. ``contrast`` scales the difference between the texture's two colours
+    (1: as drawn).
+    """
+    if pool_size:
+        pool = background_pool(seed, pool_size)
+        style = pool[int(rng.integers(len(pool)))]
+    else:
+        style = _background_style(rng)
     side = np.float32(min(height, width))
     angle = rng.uniform(0, 2 * np.pi)
     frequency = style.frequency * rng.uniform(0.8, 1.25)
@@ -366,6 +377,9 @@ def _background(rng: np.random.Generator, seed: int, height: int, width: int) ->
         s = s - np.float32(0.5) + np.float32(rng.uniform(-0.2, 0.2))
     weight = _texture(style.texture, s, t, style.texture_param, rng)
     colors = _jittered(style.colors, rng, (0.8, 1.2), 0.05)
+    if contrast != 1.0:
+        middle = colors.mean(axis=0, keepdims=True)
+        colors = middle + np.float32(contrast) * (colors - middle)
     return np.ascontiguousarray(_mix(colors, weight.astype(np.float32)), dtype=np.float32)
 
 
@@ -400,7 +414,9 @@ def image_rng(seed: int, split: str, class_index: int, index: int) -> np.random.
 
 
 def render_sample(seed: int, split: str, class_index: int, index: int, *, classes: int,
-                  size: Size = 128, ignore: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  size: Size = 128, ignore: bool = True, min_area: float = MIN_AREA_FRACTION,
+                  background_contrast: float = 1.0, background_pool_size: int = BACKGROUND_POOL_SIZE
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Render one image and its ground truth.
 
     Args:
@@ -411,18 +427,22 @@ def render_sample(seed: int, split: str, class_index: int, index: int, *, classe
         classes: number of categories N (the second object's category is drawn among them).
         size: PX for a square image, or (height, width).
         ignore: when False, return the label without the ignore band (for tests).
+        min_area: smallest area fraction of the main object (log-uniform up to ``MAX_AREA_FRACTION``).
+        background_contrast: contrast of the background texture, in [0, 1].
+        background_pool_size: number of background styles shared by all images; 0 draws a new
+            style for every image, so that backgrounds form no groups of their own.
 
     Returns:
         ``(image, label)``: uint8 (H, W, 3) RGB, and int32 (H, W) ids in {0, 1..N, 1000}.
     """
     height, width = _image_shape(size)
     rng = image_rng(seed, split, class_index, index)
-    image = _background(rng, seed, height, width)
+    image = _background(rng, seed, height, width, background_contrast, background_pool_size)
     label = np.full((height, width), OTHER_ID, dtype=np.int32)
 
     main_app = class_appearance(seed, class_index)
     main_place = _place(rng, main_app, class_index, height, width,
-                        _log_uniform(rng, MIN_AREA_FRACTION, MAX_AREA_FRACTION), margin=0.6)
+                        _log_uniform(rng, min_area, MAX_AREA_FRACTION), margin=0.6)
     main_mask, main_distance = _paint_object(image, main_place, main_app, rng)
     label[main_mask] = class_index + 1
 
@@ -502,6 +522,9 @@ class SynthArguments:
     semi_per_class: int
     size: Size
     seed: int
+    min_area: float = MIN_AREA_FRACTION
+    background_contrast: float = 1.0
+    background_pool_size: int = BACKGROUND_POOL_SIZE
 
     def validate(self) -> None:
         """Check that every argument lies in range.
@@ -524,6 +547,12 @@ class SynthArguments:
             raise UserError(f"size must be at least {MIN_SIZE} px, got {self.size}")
         if self.seed < 0:
             raise UserError(f"seed must be >= 0, got {self.seed}")
+        if not 0 < self.min_area <= MAX_AREA_FRACTION:
+            raise UserError(f"min_area must lie in (0, {MAX_AREA_FRACTION}], got {self.min_area}")
+        if not 0 <= self.background_contrast <= 1:
+            raise UserError(f"background_contrast must lie in [0, 1], got {self.background_contrast}")
+        if self.background_pool_size < 0:
+            raise UserError(f"background_pool_size must be >= 0, got {self.background_pool_size}")
 
     def to_json(self) -> dict:
         """The arguments as recorded in synth.json (size as an int, or [height, width])."""
@@ -532,6 +561,8 @@ class SynthArguments:
             "classes": self.classes, "train_per_class": self.train_per_class, "val_per_class": self.val_per_class,
             "test_per_class": self.test_per_class, "semi_per_class": self.semi_per_class,
             "size": size if isinstance(size, list) else int(size), "seed": self.seed,
+            "min_area": float(self.min_area), "background_contrast": float(self.background_contrast),
+            "background_pool_size": int(self.background_pool_size),
         }
 
     def counts(self) -> dict[str, int]:
@@ -562,7 +593,9 @@ def _generate_chunk(chunk: _Chunk) -> int:
     args, out, split, class_index = chunk.arguments, Path(chunk.out), chunk.split, chunk.class_index
     folder = wnid(class_index)
     for index in range(chunk.start, chunk.stop):
-        image, label = render_sample(args.seed, split, class_index, index, classes=args.classes, size=args.size)
+        image, label = render_sample(args.seed, split, class_index, index, classes=args.classes, size=args.size,
+                                     min_area=args.min_area, background_contrast=args.background_contrast,
+                                     background_pool_size=args.background_pool_size)
         jpeg = encode_jpeg(image)
         name = sample_name(split, class_index, index, classes=args.classes, val_per_class=args.val_per_class,
                            test_per_class=args.test_per_class)
@@ -637,6 +670,9 @@ def generate_dataset(
     semi_per_class: int,
     size: Size,
     seed: int,
+    min_area: float = MIN_AREA_FRACTION,
+    background_contrast: float = 1.0,
+    background_pool_size: int = BACKGROUND_POOL_SIZE,
     workers: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -649,7 +685,8 @@ def generate_dataset(
         UserError: for arguments out of range, or an ``out`` that is neither new, empty nor the
             same complete run.
     """
-    arguments = SynthArguments(classes, train_per_class, val_per_class, test_per_class, semi_per_class, size, seed)
+    arguments = SynthArguments(classes, train_per_class, val_per_class, test_per_class, semi_per_class, size, seed,
+                               min_area, background_contrast, background_pool_size)
     arguments.validate()
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")

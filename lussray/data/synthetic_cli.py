@@ -18,7 +18,8 @@ import sys
 from lussray.config import LussConfig
 from lussray.data.synthetic import MANIFEST_NAME, SynthArguments, default_workers, existing_manifest, generate_dataset
 
-_SIZE_FLAGS = ("classes", "train_per_class", "val_per_class", "test_per_class", "semi_per_class", "size", "seed")
+_SIZE_FLAGS = ("classes", "train_per_class", "val_per_class", "test_per_class", "semi_per_class", "size", "seed",
+               "min_area", "background_contrast", "background_pool_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train images per class copied to train-semi/ with ground truth")
     parser.add_argument("--size", type=int, metavar="PX", help="image side in pixels (square images)")
     parser.add_argument("--seed", type=int, metavar="S", help="dataset seed: same seed and sizes, same bytes")
+    parser.add_argument("--min-area", type=float, metavar="F",
+                        help="smallest area fraction of the main object (default 0.02; largest 0.7)")
+    parser.add_argument("--background-contrast", type=float, metavar="C",
+                        help="contrast of the background textures in [0, 1] (default 1; 0: flat colours)")
+    parser.add_argument("--background-pool-size", type=int, metavar="N",
+                        help="background styles shared by all images (default 32); 0: a new style per image")
     parser.add_argument("--workers", type=int, metavar="W",
                         help="worker processes (default: one per core, at most 8); the output does not depend on it")
 

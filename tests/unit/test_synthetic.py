@@ -55,7 +55,8 @@ def test_tree_layout_counts_and_names(tree):
     assert wnids == sorted(wnids)
     assert (tree / "categories.txt").read_text() == "\n".join(wnids)
     manifest = json.loads((tree / "synth.json").read_text())
-    assert manifest["complete"] and manifest["arguments"] == {k: v for k, v in TINY.items()}
+    assert manifest["complete"] and manifest["arguments"] == {**TINY, "min_area": 0.02, "background_contrast": 1.0,
+                                                                   "background_pool_size": 32}
     assert manifest["counts"] == {"train": 15, "train-semi": 6, "validation": 9, "test": 6}
     assert not [p for p in tree.rglob(".*")], "temporary files left behind"
     categories = ims.Categories.from_root(tree)
@@ -182,7 +183,8 @@ def test_render_sample_takes_height_and_width():
 
 
 @pytest.mark.parametrize("change", [dict(classes=0), dict(classes=1000), dict(semi_per_class=6),
-                                    dict(size=8), dict(val_per_class=-1)])
+                                    dict(size=8), dict(val_per_class=-1), dict(min_area=0.0), dict(min_area=0.9),
+                                    dict(background_contrast=1.5), dict(background_pool_size=-1)])
 def test_bad_arguments_are_user_errors(tmp_path, change):
     with pytest.raises(UserError):
         syn.generate_dataset(tmp_path / "d", **{**TINY, **change})
@@ -209,9 +211,47 @@ def test_cli_generates_then_reports_complete_and_refuses_foreign_folders(tmp_pat
 
     assert main(argv[:4] + ["3"] + argv[5:]) == 2  # same folder, other arguments
     assert str(out) in capsys.readouterr().err
+    assert main(argv + ["--min-area", "0.3"]) == 2
+    assert "min_area" in capsys.readouterr().err
+    assert main(argv + ["--background-contrast", "2"]) == 2
+    assert "background_contrast must lie in [0, 1]" in capsys.readouterr().err
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     assert main(["synth", "--out", str(foreign), "--size", "32"]) == 2
     error = capsys.readouterr().err
     assert str(foreign) in error and "new folder" in error
+
+
+def test_min_area_bounds_the_main_object_and_contrast_flattens_backgrounds():
+    areas, spreads = {}, {}
+    for min_area, contrast in ((0.02, 1.0), (0.2, 0.0)):
+        fractions, stds = [], []
+        for index in range(30):
+            image, raw = syn.render_sample(2, "train", 0, index, classes=1, size=64, ignore=False,
+                                           min_area=min_area, background_contrast=contrast)
+            fractions.append((raw == 1).mean())
+            ring = ndimage.binary_dilation(raw > 0, iterations=2)
+            stds.append(image[~ring].astype(np.float32).std(axis=0).mean())
+        areas[contrast], spreads[contrast] = np.array(fractions), np.array(stds)
+    assert areas[0.0].min() > 0.1 > areas[1.0].min()  # 0.2 of the area, less the outline's wobble
+    assert spreads[0.0].max() < 12 < np.median(spreads[1.0])  # noise (and gradients) only vs textures
+
+
+def test_a_shared_background_pool_repeats_styles_and_size_zero_does_not(monkeypatch):
+    palettes = []
+    jittered = syn._jittered
+
+    def record(colors, rng, brightness, offset):
+        if brightness == (0.8, 1.2):  # the background's call (objects jitter less)
+            palettes.append(colors)
+        return jittered(colors, rng, brightness, offset)
+
+    monkeypatch.setattr(syn, "_jittered", record)
+    used = {}
+    for pool_size in (3, 0):
+        palettes.clear()
+        for index in range(30):
+            syn.render_sample(4, "train", 0, index, classes=1, size=24, background_pool_size=pool_size)
+        used[pool_size] = len(set(palettes))
+    assert used[3] <= 3 and used[0] == 30
