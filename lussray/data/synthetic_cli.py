@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from lussray.config import LussConfig
 from lussray.data.synthetic import MANIFEST_NAME, SynthArguments, default_workers, existing_manifest, generate_dataset
 
-_SIZE_FLAGS = ("classes", "train_per_class", "val_per_class", "test_per_class", "semi_per_class", "size", "seed",
-               "min_area", "background_contrast", "background_pool_size")
+_DATA_FLAGS = tuple(field.name for field in fields(SynthArguments))  # each one a flag and a config.synth key
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``lussray synth``; each size flag defaults to the config's ``synth`` value."""
+    """The flags of ``lussray synth``; each data flag defaults to the config's ``synth`` value."""
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to create (new, or empty)")
     parser.add_argument("--classes", type=int, metavar="N", help="number of categories (<= 999)")
     parser.add_argument("--train-per-class", type=int, metavar="N", help="train images per class (no ground truth)")
@@ -34,11 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, metavar="PX", help="image side in pixels (square images)")
     parser.add_argument("--seed", type=int, metavar="S", help="dataset seed: same seed and sizes, same bytes")
     parser.add_argument("--min-area", type=float, metavar="F",
-                        help="smallest area fraction of the main object (default 0.02; largest 0.7)")
+                        help="smallest area fraction of the main object, up to 0.7 (generator default 0.02)")
     parser.add_argument("--background-contrast", type=float, metavar="C",
-                        help="contrast of the background textures in [0, 1] (default 1; 0: flat colours)")
+                        help="contrast of the background textures in [0, 1] (generator default 1; 0: flat colours)")
     parser.add_argument("--background-pool-size", type=int, metavar="N",
-                        help="background styles shared by all images (default 32); 0: a new style per image")
+                        help="background styles shared by all images (generator default 32; 0: a new style per image)")
     parser.add_argument("--workers", type=int, metavar="W",
                         help="worker processes (default: one per core, at most 8); the output does not depend on it")
 
@@ -50,7 +50,7 @@ def _log(line: str) -> None:
 def run(args: argparse.Namespace, config: LussConfig) -> int:
     """Generate the dataset, or report that ``--out`` already holds it."""
     values = {name: getattr(args, name) if getattr(args, name) is not None else getattr(config.synth, name)
-              for name in _SIZE_FLAGS}
+              for name in _DATA_FLAGS}
     arguments = SynthArguments(**values)
     arguments.validate()
     existing = existing_manifest(args.out, arguments)
