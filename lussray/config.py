@@ -164,7 +164,11 @@ class LabelgenConfig:
 
     num_clusters: Optional[int] = None  # None: the dataset's num_classes
     crop_size: int = 224  # clustering embeds Resize(ingest.eval_short_side) + CenterCrop(crop_size)
-    tau: Optional[float] = None  # fixed "other" threshold; None: sweep on validation
+    tau: Optional[float] = None  # fixed "other" threshold; None: sweep on tau_split
+    # The split whose ground truth the sweep fits tau to. The reference uses validation, which then
+    # scores pseudo labels with a threshold fitted to the very images they are scored on;
+    # train-semi (labelled training images) keeps validation untouched by every stage.
+    tau_split: str = "validation"
     tau_min: float = 0.0
     tau_max: float = 0.8
     tau_step: float = 0.01

@@ -11,13 +11,14 @@ Reads the latest ``<run>/attention`` checkpoint (or ``--checkpoint``) and writes
    actor pool (``map_batches`` with a callable class: the model is loaded once per actor).
 2. ``centroids.npy`` + ``kmeans.json``: k-means with K categories over Ray actors that each hold
    only their part of the embeddings (:func:`lussray.cluster.kmeans.sharded_kmeans`).
-3. ``tau.json``: the "other" threshold, swept on validation against its ground truth with the
-   evaluator's one-pass sweep, or fixed by ``labelgen.tau`` / ``--tau`` (data without ground truth).
+3. ``tau.json``: the "other" threshold, swept on ``labelgen.tau_split`` (validation, as the
+   reference, or train-semi) against its ground truth with the evaluator's one-pass sweep, or fixed
+   by ``labelgen.tau`` / ``--tau`` (data without ground truth).
 4. ``pseudo/train/<shard>.tar`` (+ ``.done.json``, then ``manifest.json``): every training image
    paired with its pixel pseudo label (ids 0..K, 0 = other) in the format of ``lussray prepare``,
    so fine-tuning streams them as it streams ground truth; optionally the official PNG tree.
 5. ``summary.json`` (last): images, times, label histogram, tau, and the pseudo labels' own
-   metrics on train-semi when it has ground truth.
+   metrics at that tau on validation and train-semi where they have ground truth (``metrics``).
 
 Every output is written atomically and a rerun skips what is complete (per shard).
 """
@@ -45,6 +46,7 @@ from lussray.errors import UserError
 STAGE = "labelgen"
 ATTENTION_STAGE = "attention"
 DONE = ".done.json"
+EVALUATED_SPLITS = ("validation", "train-semi")  # the pseudo labels' own scores, where ground truth exists
 
 
 @dataclass(frozen=True)
@@ -389,7 +391,7 @@ def sweep_metrics(config: LussConfig, data: str, split: str, label_kwargs: dict[
 
 def choose_tau(config: LussConfig, data: str, outputs: Outputs, label_kwargs: dict[str, Any],
                fixed: float | None) -> float:
-    """Step 3: a fixed tau, or the best of the validation sweep (recorded in ``tau.json``)."""
+    """Step 3: a fixed tau, or the best of the ``labelgen.tau_split`` sweep (recorded in ``tau.json``)."""
     if fixed is not None:
         if storage.exists(outputs.tau) and storage.read_json(outputs.tau)["tau"] != fixed:
             raise UserError(f"{outputs.tau} records another tau; use a new --run folder to relabel")
@@ -397,17 +399,31 @@ def choose_tau(config: LussConfig, data: str, outputs: Outputs, label_kwargs: di
         return fixed
     if storage.exists(outputs.tau):
         return float(storage.read_json(outputs.tau)["tau"])
-    manifest = read_manifest(data, "validation")
-    if not manifest.get("has_segmentation"):
-        raise UserError(f"the validation split of {data} has no ground truth to sweep tau: set labelgen.tau")
     cfg = config.labelgen
+    split = cfg.tau_split
     taus = [round(t, 4) for t in np.arange(cfg.tau_min, cfg.tau_max + cfg.tau_step / 2, cfg.tau_step)]
-    result = sweep_metrics(config, data, "validation", label_kwargs, taus)
-    storage.write_json_atomic(outputs.tau, {"tau": result.best_tau, "source": "validation sweep",
+    result = sweep_metrics(config, data, split, label_kwargs, taus)
+    storage.write_json_atomic(outputs.tau, {"tau": result.best_tau, "source": f"{split} sweep", "split": split,
                                             "best": result.best.summary(), "curve": result.curve()})
-    print(f"[{STAGE}] tau: {result.best_tau:.2f} (validation mIoU {result.best.miou:.2f} "
+    print(f"[{STAGE}] tau: {result.best_tau:.2f} ({split} mIoU {result.best.miou:.2f} "
           f"over {len(taus)} thresholds)", flush=True)
     return result.best_tau
+
+
+def labelled_split_metrics(config: LussConfig, data: str, outputs: Outputs, label_kwargs: dict[str, Any],
+                           tau: float) -> dict[str, dict[str, Any]]:
+    """The pseudo labels' metrics at ``tau`` on validation and train-semi, where they have ground truth.
+
+    The sweep already scored its own split at the chosen tau, so that split is read from ``tau.json``.
+    """
+    swept = storage.read_json(outputs.tau)
+    metrics = {}
+    for split in EVALUATED_SPLITS:
+        if swept.get("split") == split:
+            metrics[split] = swept["best"]
+        elif _has_ground_truth(data, split):
+            metrics[split] = sweep_metrics(config, data, split, label_kwargs, [tau]).best.summary()
+    return metrics
 
 
 def write_pseudo_labels(config: LussConfig, data: str, outputs: Outputs, label_kwargs: dict[str, Any],
@@ -474,10 +490,14 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     if storage.exists(outputs.summary):
         print(f"[{STAGE}] complete: {outputs.summary}", flush=True)
         return 0
+    if tau is None and not _has_ground_truth(data, cfg.tau_split):
+        raise UserError(f"labelgen.tau_split: the {cfg.tau_split!r} split of {data} has no ground truth to sweep "
+                        f"tau on: choose a split with ground truth (validation, train-semi) or set labelgen.tau")
     storage.makedirs(outputs.root)
     _check_inputs(outputs, {"checkpoint": checkpoint, "num_clusters": num_clusters, "crop_size": cfg.crop_size,
                             "short_side": config.ingest.eval_short_side, "spherical": cfg.spherical,
-                            "seed": cfg.kmeans_seed, "data": data})
+                            "seed": cfg.kmeans_seed, "data": data,
+                            "tau_split": None if tau is not None else cfg.tau_split})
     init_ray(config.ray)
     started = time.perf_counter()
     actor_args = model_args(config, checkpoint)
@@ -500,10 +520,9 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     TIMINGS.step("pseudo_labels", step_started)
     summary = {"images": manifest["num_samples"], "num_clusters": num_clusters, "tau": tau,
                "histogram": manifest["histogram"], "checkpoint": checkpoint}
-    if _has_ground_truth(data, "train-semi"):
-        step_started = time.perf_counter()
-        summary["train_semi"] = sweep_metrics(config, data, "train-semi", label_kwargs, [tau]).best.summary()
-        TIMINGS.step("train_semi_metrics", step_started)
+    step_started = time.perf_counter()
+    summary["metrics"] = labelled_split_metrics(config, data, outputs, label_kwargs, tau)
+    TIMINGS.step("metrics", step_started)
     summary.update({"seconds": round(time.perf_counter() - started, 1), "step_seconds": TIMINGS.seconds,
                     "peak_rss_mb": {"driver": round(peak_rss_mb(), 1),
                                     "actor": round(TIMINGS.peak_actor_rss_mb, 1)}})
@@ -525,6 +544,6 @@ def _print_summary(summary: dict[str, Any], outputs: Outputs) -> None:
     print(f"[{STAGE}] done: {summary['images']} images, K={summary['num_clusters']}, tau={summary['tau']:.2f}, "
           f"{summary['seconds']:.0f} s", flush=True)
     print(f"[{STAGE}] pixel share per id (0 = other): {shares}", flush=True)
-    if "train_semi" in summary:
-        print(f"[{STAGE}] pseudo labels on train-semi: {json.dumps(summary['train_semi'])}", flush=True)
+    for split, metrics in summary["metrics"].items():
+        print(f"[{STAGE}] pseudo labels on {split} at tau={summary['tau']:.2f}: {json.dumps(metrics)}", flush=True)
     print(f"[{STAGE}] pseudo-label shards: {outputs.pseudo} (stream with split 'train')", flush=True)

@@ -15,8 +15,9 @@ interruption passes over finished stages in seconds and continues inside the one
 - ``random_backbone``: the whole pipeline without pretraining, i.e. attention, label generation,
   fine-tuning and prediction from a seeded random backbone (in ``<run>/baselines/random-backbone``);
 - ``pseudo_labels``: the pseudo labels themselves (labelgen's nearest-centroid pixel labels at its
-  chosen tau) on validation, before any fine-tuning. The tau is chosen on validation, so this
-  baseline is, if anything, optimistic.
+  chosen tau) on validation, before any fine-tuning. With ``labelgen.tau_split=validation`` (the
+  reference) the tau is fitted to these very images, which makes this baseline optimistic; the demo
+  preset fits it on train-semi, so no stage sees validation's ground truth.
 
 Writes ``<run>/metrics.json`` (last, atomically) and ``<run>/report.html``; the final line printed
 is one JSON object: ``{"mIoU", "Acc", "F", "baselines": {name: mIoU}}``.
@@ -131,9 +132,9 @@ def random_backbone_checkpoint(config: LussConfig, run: str) -> str:
 
 
 def pseudo_label_baseline(run: str) -> dict[str, Any] | None:
-    """The pseudo labels' validation scores at labelgen's tau (None when tau was fixed, not swept)."""
-    tau = storage.read_json(storage.join(run, labelgen.STAGE, "tau.json"))
-    return tau.get("best")
+    """The pseudo labels' validation scores at labelgen's tau (None without validation ground truth)."""
+    summary = storage.read_json(labelgen.Outputs(storage.join(run, labelgen.STAGE)).summary)
+    return summary.get("metrics", {}).get("validation")
 
 
 def baselines(config: LussConfig, data: str, run: str, *, timer: _Timer) -> dict[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ from lussray.data.imagenet_s import label_from_png_bytes
 from lussray.data.shards import iter_tar, shard_paths
 from lussray.models.pass_model import PixelAttentionModel
 from lussray.stages.loop import CHECKPOINT_FILE
+from lussray.stages.pipeline import pseudo_label_baseline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -61,7 +62,8 @@ def _train_keys(shards: Path) -> dict[str, tuple[int, int]]:
 
 def test_labelgen_writes_one_pseudo_label_per_training_image(data, tmp_path, ray_cluster):
     run = _new_run(data, tmp_path)
-    assert main(["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY]) == 0
+    args = ["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY, "labelgen.tau_split=validation"]
+    assert main(args) == 0
     out = run / "labelgen"
     pseudo = {}
     for path in shard_paths(str(out / "pseudo"), "train"):
@@ -77,10 +79,31 @@ def test_labelgen_writes_one_pseudo_label_per_training_image(data, tmp_path, ray
     assert tau["source"] == "validation sweep" and [c["tau"] for c in tau["curve"]] == [0.0, 0.2, 0.4, 0.6, 0.8]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == len(images) and sum(summary["histogram"]) == sum(h * w for h, w in images.values())
-    assert "mIoU" in summary["train_semi"]
+    assert summary["metrics"]["validation"] == tau["best"]
+    assert 0 <= summary["metrics"]["train-semi"]["mIoU"] <= 100
     assert np.load(out / "centroids.npy").shape == (K, 512)
     # a complete run is not redone
-    assert main(["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY]) == 0
+    assert main(args) == 0
+
+
+def test_labelgen_fits_tau_on_train_semi_and_scores_validation_apart(data, tmp_path, ray_cluster):
+    run = _new_run(data, tmp_path)
+    args = ["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY, "labelgen.tau_split=train-semi"]
+    assert main(args) == 0
+    tau = json.loads((run / "labelgen" / "tau.json").read_text())
+    summary = json.loads((run / "labelgen" / "summary.json").read_text())
+    assert tau["source"] == "train-semi sweep" and summary["metrics"]["train-semi"] == tau["best"]
+    assert summary["tau"] == tau["tau"]
+    # validation is scored at train-semi's tau, and that is the pipeline's pseudo-label baseline
+    assert 0 <= summary["metrics"]["validation"]["mIoU"] <= 100
+    assert pseudo_label_baseline(str(run)) == summary["metrics"]["validation"]
+
+
+def test_labelgen_refuses_a_tau_split_without_ground_truth_before_any_work(data, tmp_path):
+    run = _new_run(data, tmp_path)
+    args = ["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY, "labelgen.tau_split=train"]
+    assert main(args) == 2
+    assert not (run / "labelgen" / "embeddings").exists()
 
 
 def test_labelgen_refuses_outputs_of_another_checkpoint(data, tmp_path, ray_cluster):
