@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from lussray.data.shards import iter_tar, shard_paths
 from lussray.models.pass_model import PixelAttentionModel
 from lussray.stages.loop import CHECKPOINT_FILE
 from lussray.stages.pipeline import pseudo_label_baseline
+from tests.ray.kill import kill_driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -127,9 +127,7 @@ def test_labelgen_resumes_after_kill_without_redoing_finished_shards(data, tmp_p
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(pseudo.glob("*.done.json")):
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(3)  # actors outside the process group die with their raylet, a moment later
+    kill_driver(proc)
     finished = {p.name: (_tar_of(p).stat().st_mtime_ns, p.read_text()) for p in pseudo.glob("*.done.json")}
     total = len(shard_paths(str(data / "shards"), "train"))
     assert 0 < len(finished) < total, f"{len(finished)} of {total} shards were done at the kill"

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lussray.cli import main
+from tests.ray.kill import kill_driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -55,9 +55,7 @@ def test_run_resumes_after_a_kill_skipping_completed_stages(shards, tmp_path):
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not (run / "labelgen" / "summary.json").exists():
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(3)
+    kill_driver(proc)
     assert (run / "labelgen" / "summary.json").exists(), "the first run did not get through label generation"
     assert not (run / "metrics.json").exists()
 

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 from lussray.cli import main
 from lussray.stages.loop import CHECKPOINT_FILE, METRICS_FILE, state_fingerprint
+from tests.ray.kill import kill_driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -76,8 +76,7 @@ def test_pretrain_learns_checkpoints_and_resumes_after_kill(shards, tmp_path):
         if _registered_steps(run):  # written and recorded by Ray Train, so a rerun resumes from it
             break
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_driver(proc)  # and wait for its workers, which can register one more checkpoint meanwhile
     registered = _registered_steps(run)
     assert registered, "no checkpoint was registered before the deadline"
     saved = {}
