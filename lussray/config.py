@@ -169,6 +169,9 @@ class LabelgenConfig:
     # scores pseudo labels with a threshold fitted to the very images they are scored on;
     # train-semi (labelled training images) keeps validation untouched by every stage.
     tau_split: str = "validation"
+    # What tau thresholds: "absolute" scores (the reference) or "image", each image's scores min-max
+    # rescaled to [0, 1] (lussray.cluster.pixel_labels).
+    score_scale: str = "absolute"
     tau_min: float = 0.0
     tau_max: float = 0.8
     tau_step: float = 0.01

@@ -4,6 +4,10 @@ Per image, at stride 8: cosine similarity of every L2-normalised pixel feature t
 L2-normalised centroids gives ids 1..K (argmax + 1), nearest-upsampled to the image size; the
 foreground score is the channel mean of the pixel attention, bilinearly upsampled; pixels whose
 score is below tau become 0 ("other"). Pure torch, no Ray.
+
+The reference thresholds the absolute score. ``SCORE_SCALES["image"]`` first rescales every image's
+scores to [0, 1] (min-max): an attention trained briefly offsets whole images by class, so that one
+global tau keeps every pixel of some categories and none of others.
 """
 
 from __future__ import annotations
@@ -31,10 +35,27 @@ def assign_pixels(features: Tensor, centroids: Tensor, size: tuple[int, int]) ->
     return F.interpolate(ids, size=size, mode="nearest").squeeze(1).long()
 
 
-def foreground_scores(attention: Tensor, size: tuple[int, int]) -> Tensor:
-    """Channel mean of the pixel attention, bilinearly upsampled to ``size``: (B, H, W) float32."""
+SCORE_SCALES = ("absolute", "image")
+
+
+def foreground_scores(attention: Tensor, size: tuple[int, int], scale: str = "absolute") -> Tensor:
+    """Channel mean of the pixel attention, bilinearly upsampled to ``size``: (B, H, W) float32.
+
+    Args:
+        attention: (B, C, h, w) attention in (0, 1).
+        size: Output (H, W).
+        scale: "absolute" (the reference) or "image": each image's scores min-max rescaled to [0, 1]
+            (a constant map becomes 0).
+    """
+    if scale not in SCORE_SCALES:
+        raise ValueError(f"score scale {scale!r} is not one of {SCORE_SCALES}")
     scores = attention.float().mean(dim=1, keepdim=True)
-    return F.interpolate(scores, size=size, mode="bilinear", align_corners=False).squeeze(1)
+    scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False).squeeze(1)
+    if scale == "image":
+        low = scores.amin(dim=(1, 2), keepdim=True)
+        spread = scores.amax(dim=(1, 2), keepdim=True) - low
+        scores = (scores - low) / spread.clamp_min(1e-12)
+    return scores
 
 
 def apply_threshold(ids: np.ndarray, scores: np.ndarray, tau: float) -> np.ndarray:

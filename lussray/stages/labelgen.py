@@ -187,13 +187,14 @@ class LabelShards(_ModelActor):
     the thresholds ``taus`` (pickled, for the driver's :class:`~lussray.eval.sweep.TauSweep`).
     """
 
-    def __init__(self, *args, centroids: np.ndarray, tau: float, num_classes: int,
+    def __init__(self, *args, centroids: np.ndarray, tau: float, num_classes: int, score_scale: str = "absolute",
                  taus: list[float] | None = None, png_root: str | None = None, **kwargs) -> None:
         import torch
 
         super().__init__(*args, **kwargs)
         self.centroids = torch.tensor(np.asarray(centroids, np.float32), device=self.device)
         self.tau, self.num_classes, self.taus, self.png_root = tau, num_classes, taus, png_root
+        self.score_scale = score_scale
 
     def pixel_maps(self, jpeg: bytes) -> tuple[np.ndarray, np.ndarray]:
         """Cluster ids (1..K) and foreground scores at the image's own resolution."""
@@ -207,7 +208,7 @@ class LabelShards(_ModelActor):
         with torch.inference_mode():
             features, attention = self.model.attention_maps(self._normalize(resize_shorter_side(image, self.short_side)[None]))
             ids = assign_pixels(features, self.centroids, size)[0]
-            scores = foreground_scores(attention, size)[0]
+            scores = foreground_scores(attention, size, self.score_scale)[0]
         return ids.cpu().numpy(), scores.cpu().numpy()
 
     def process(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -318,7 +319,8 @@ def pixel_labeler(config: LussConfig, run: str) -> LabelShards:
     summary = storage.read_json(outputs.summary)
     centroids = np.load(io.BytesIO(storage.read_bytes(outputs.centroids)))
     return LabelShards(*model_args(config, summary["checkpoint"]), centroids=centroids, tau=float(summary["tau"]),
-                       num_classes=config.dataset.num_classes)
+                       num_classes=config.dataset.num_classes,
+                       score_scale=summary.get("score_scale", "absolute"))
 
 
 def attention_checkpoint(run: str, given: str | None) -> str:
@@ -401,7 +403,8 @@ def choose_tau(config: LussConfig, data: str, outputs: Outputs, label_kwargs: di
         return float(storage.read_json(outputs.tau)["tau"])
     cfg = config.labelgen
     split = cfg.tau_split
-    taus = [round(t, 4) for t in np.arange(cfg.tau_min, cfg.tau_max + cfg.tau_step / 2, cfg.tau_step)]
+    count = int(np.floor((cfg.tau_max - cfg.tau_min) / cfg.tau_step + 1e-6)) + 1  # none beyond tau_max
+    taus = [round(cfg.tau_min + i * cfg.tau_step, 4) for i in range(count)]
     result = sweep_metrics(config, data, split, label_kwargs, taus)
     storage.write_json_atomic(outputs.tau, {"tau": result.best_tau, "source": f"{split} sweep", "split": split,
                                             "best": result.best.summary(), "curve": result.curve()})
@@ -474,6 +477,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, config: LussConfig) -> int:
     """Generate the pseudo labels of ``--data`` into ``<run>/labelgen``."""
+    from lussray.cluster.pixel_labels import SCORE_SCALES
     from lussray.data.ingest import init_ray
 
     if not args.data or not args.run:
@@ -487,6 +491,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     if tau is None and num_clusters != config.dataset.num_classes:
         raise UserError(f"the tau sweep needs K = num_classes ({num_clusters} != {config.dataset.num_classes}): "
                         f"set labelgen.tau")
+    if cfg.score_scale not in SCORE_SCALES:
+        raise UserError(f"labelgen.score_scale: {cfg.score_scale!r} is not one of {', '.join(SCORE_SCALES)}")
     if storage.exists(outputs.summary):
         print(f"[{STAGE}] complete: {outputs.summary}", flush=True)
         return 0
@@ -497,7 +503,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     _check_inputs(outputs, {"checkpoint": checkpoint, "num_clusters": num_clusters, "crop_size": cfg.crop_size,
                             "short_side": config.ingest.eval_short_side, "spherical": cfg.spherical,
                             "seed": cfg.kmeans_seed, "data": data,
-                            "tau_split": None if tau is not None else cfg.tau_split})
+                            "tau_split": None if tau is not None else cfg.tau_split,
+                            "score_scale": cfg.score_scale})
     init_ray(config.ray)
     started = time.perf_counter()
     actor_args = model_args(config, checkpoint)
@@ -508,7 +515,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     centroids = cluster(config, files, outputs, num_clusters)
     TIMINGS.step("kmeans", step_started)
     label_kwargs = {**dict(zip(("checkpoint", "model_kwargs", "short_side", "torch_threads"), actor_args)),
-                    "centroids": centroids, "tau": 0.0, "num_classes": config.dataset.num_classes}
+                    "centroids": centroids, "tau": 0.0, "num_classes": config.dataset.num_classes,
+                    "score_scale": cfg.score_scale}
     step_started = time.perf_counter()
     tau = choose_tau(config, data, outputs, label_kwargs, tau)
     TIMINGS.step("tau", step_started)
@@ -519,6 +527,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     manifest = write_pseudo_labels(config, data, outputs, label_kwargs, num_clusters)
     TIMINGS.step("pseudo_labels", step_started)
     summary = {"images": manifest["num_samples"], "num_clusters": num_clusters, "tau": tau,
+               "score_scale": cfg.score_scale,
                "histogram": manifest["histogram"], "checkpoint": checkpoint}
     step_started = time.perf_counter()
     summary["metrics"] = labelled_split_metrics(config, data, outputs, label_kwargs, tau)

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from lussray.cli import main
+from lussray.config import load_config
 from lussray.data.imagenet_s import label_from_png_bytes
 from lussray.data.shards import iter_tar, shard_paths
 from lussray.models.pass_model import PixelAttentionModel
+from lussray.stages.labelgen import pixel_labeler
 from lussray.stages.loop import CHECKPOINT_FILE
 from lussray.stages.pipeline import pseudo_label_baseline
 from tests.ray.kill import kill_driver
@@ -97,6 +99,28 @@ def test_labelgen_fits_tau_on_train_semi_and_scores_validation_apart(data, tmp_p
     # validation is scored at train-semi's tau, and that is the pipeline's pseudo-label baseline
     assert 0 <= summary["metrics"]["validation"]["mIoU"] <= 100
     assert pseudo_label_baseline(str(run)) == summary["metrics"]["validation"]
+
+
+def test_labelgen_image_score_scale_splits_every_image_at_mid_threshold(data, tmp_path, ray_cluster):
+    run = _new_run(data, tmp_path)
+    args = ["labelgen", "--data", str(data / "shards"), "--run", str(run), "--tau", "0.5", *TINY,
+            "labelgen.score_scale=image"]
+    assert main(args) == 0
+    # each image's scores span [0, 1], so tau 0.5 leaves some pixels "other" and labels others, in every image
+    for path in shard_paths(str(run / "labelgen" / "pseudo"), "train"):
+        for key, members in iter_tar(path):
+            label = label_from_png_bytes(members["seg.png"])
+            assert (label == 0).any() and (label > 0).any(), key
+    assert json.loads((run / "labelgen" / "summary.json").read_text())["score_scale"] == "image"
+    config = load_config("synthetic-demo", overrides=TINY)  # the report's labeller reads it from the summary
+    assert pixel_labeler(config, str(run)).score_scale == "image"
+
+
+def test_labelgen_refuses_an_unknown_score_scale(data, tmp_path):
+    run = _new_run(data, tmp_path)
+    args = ["labelgen", "--data", str(data / "shards"), "--run", str(run), *TINY, "labelgen.score_scale=minmax"]
+    assert main(args) == 2
+    assert not (run / "labelgen").exists()
 
 
 def test_labelgen_refuses_a_tau_split_without_ground_truth_before_any_work(data, tmp_path):
