@@ -5,9 +5,9 @@ L2-normalised centroids gives ids 1..K (argmax + 1), nearest-upsampled to the im
 foreground score is the channel mean of the pixel attention, bilinearly upsampled; pixels whose
 score is below tau become 0 ("other"). Pure torch, no Ray.
 
-The reference thresholds the absolute score. ``SCORE_SCALES["image"]`` first rescales every image's
-scores to [0, 1] (min-max): an attention trained briefly offsets whole images by class, so that one
-global tau keeps every pixel of some categories and none of others.
+The reference thresholds the absolute score; ``scale="image"`` first rescales every image's scores
+to [0, 1] (min-max): an attention trained briefly offsets whole images by category, so that one
+global tau keeps most pixels of some categories and almost none of others.
 """
 
 from __future__ import annotations
