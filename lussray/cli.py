@@ -3,7 +3,9 @@
 Every subcommand takes the common flags ``--dataset NAME`` (a preset in configs/dataset/),
 ``--data DIR`` (the shards folder written by ``lussray prepare``), ``--config FILE`` (an
 experiment overriding the preset), ``--run DIR`` (the run folder), ``--dry-run`` (print the
-resolved config and stop) and trailing ``key=value`` overrides.
+resolved config and stop), ``--overwrite`` (redo a stage whose folder holds outputs of other
+inputs instead of refusing; :mod:`lussray.completion`) and trailing ``key=value`` overrides. A
+command given ``--run`` holds that folder's lock (``<run>/.lock``) while it runs.
 
 A subcommand lives in the module that owns its concept; the module provides
 ``add_arguments(parser)`` and ``run(args, config) -> int`` and is imported only when used.
@@ -16,6 +18,7 @@ import importlib
 import logging
 import sys
 
+from lussray.completion import run_lock
 from lussray.config import ConfigError, available_datasets, load_config, to_yaml
 from lussray.errors import UserError
 
@@ -46,6 +49,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--config", metavar="FILE", help="experiment YAML overriding the dataset preset")
     common.add_argument("--run", metavar="DIR", help="run folder for this stage's outputs")
     common.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    common.add_argument("--overwrite", action="store_true",
+                        help="when a stage's folder holds outputs made with other inputs (config, checkpoint, "
+                        "data), remove them and redo the stage (default: refuse, naming what differs)")
     common.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pretrain.loop.epochs=5")
 
 
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(to_yaml(config), end="")
             return 0
-        return int(importlib.import_module(args.module_name).run(args, config) or 0)
+        with run_lock(getattr(args, "run", None), f"lussray {args.command}"):
+            return int(importlib.import_module(args.module_name).run(args, config) or 0)
     except (ConfigError, UserError) as error:
         print(f"lussray {args.command}: error: {error}", file=sys.stderr)
         return 2

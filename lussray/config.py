@@ -3,7 +3,11 @@
 Load order (later wins): the schema defaults, ``configs/base.yaml``,
 ``configs/dataset/<name>.yaml``, an experiment file (``--config``), dotlist overrides.
 Every layer is validated against the schema, so an unknown key or a value of the wrong
-type is a :class:`ConfigError` that names the key and the file it came from.
+type is a :class:`ConfigError` that names the key and the file it came from. The merged result
+is then checked value by value: each numeric field is declared with :func:`ranged` (its allowed
+range; a unit test refuses a numeric field without one), each string with fixed choices with
+:func:`one_of`, and ``ORDERED`` / ``SAME_LENGTH`` class attributes state the cross-key rules, so a
+zero batch size or a tau of 2 is refused, naming the dotted key and its range, before any Ray work.
 
 Hyperparameters of the published runs come from PASS ``scripts/luss{50,300,919}_pass.sh``
 (shared/reference/pass-imagenet-s.md, section 1). The schema is the single source of the
@@ -12,9 +16,11 @@ field documentation; ``lussray <cmd> --dry-run`` prints the resolved config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import math
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ClassVar, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,99 +35,186 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts (every element, for a list): finite, ``low <= value <= high``.
+
+    ``None`` leaves that side open; ``strict`` excludes ``low`` itself (``value > low``).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    strict: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.strict else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else _number(self.low)
+        if self.high is None:
+            return f"{'>' if self.strict else '>='} {low}" if self.low is not None else "finite"
+        return f"in {'(' if self.strict else '['}{low}, {_number(self.high)}]"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def ranged(default: Any = MISSING, low: float | None = None, high: float | None = None, *,
+           above: float | None = None, factory: Callable[[], Any] | None = None) -> Any:
+    """A numeric schema field and its range: ``num_workers: int = ranged(2, 1)`` accepts 1, 2, ...
+
+    Args:
+        default: the default value (``None`` for an Optional key: None stays allowed).
+        low: the smallest value allowed.
+        high: the largest value allowed.
+        above: instead of ``low``, a bound the value must exceed (``ranged(0.1, above=0)``: > 0).
+        factory: the default of a list field, instead of ``default`` (each element is checked).
+    """
+    limits = Range(above, high, strict=True) if above is not None else Range(low, high)
+    if factory is not None:
+        return field(default_factory=factory, metadata={"range": limits})
+    return field(default=default, metadata={"range": limits})
+
+
+def one_of(default: str | None, choices: tuple[str, ...]) -> Any:
+    """A string schema field that accepts only ``choices`` (and None, for an Optional key)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """Which categories the dataset has and how its shards are cut."""
 
     name: str = "synthetic-demo"
-    num_classes: int = 50  # N; ids are 1..N, 0 is other, 1000 ignore
+    num_classes: int = ranged(50, 1, 999)  # N; ids are 1..N, 0 is other, 1000 ignore
     category_file: Optional[str] = None  # one wnid per line; default: folders of validation-segmentation/
-    samples_per_shard: int = 10000  # ~10k samples (~1 GB of ImageNet JPEGs) per webdataset shard
-    max_shard_bytes: int = 1_000_000_000
+    samples_per_shard: int = ranged(10000, 1)  # ~10k samples (~1 GB of ImageNet JPEGs) per webdataset shard
+    max_shard_bytes: int = ranged(1_000_000_000, 1)
+    # prepare skips images beyond these limits (listed in the manifest) so no resize explodes:
+    max_aspect: float = ranged(20.0, 1)  # longer / shorter side; ImageNet's widest are ~ 8
+    max_pixels: int = ranged(40_000_000, 1)  # H x W; ImageNet's largest are ~ 12.6M
+    # Scene-centric data (lussray.data.scene): class ids 0..C-1 (num_classes = C), 1000 ignore, no other.
+    kind: str = one_of("object", ("object", "scene"))  # object-centric (ImageNet-S) or scene-centric
+    protocol: str = one_of("imagenet-s", ("imagenet-s", "pixel"))  # how `lussray evaluate` scores it
+    has_other: bool = True  # id 0 is "other" (ImageNet-S); scene data has none
+    layout: str = one_of("imagenet-s", ("imagenet-s", "cocostuff", "cityscapes", "scenes"))  # `prepare`'s reader
+    image_list: str = one_of("curated", ("curated", "full"))  # COCO-Stuff: curated 49,629/2,175, full 97,702/4,172
+    # Cityscapes: picie (train = train_extra + test, validation = train + val) or stego (STEGO/HP: train, val);
+    # no default, the two protocols score differently (lussray.data.cityscapes)
+    cityscapes_split: Optional[str] = None
+    thing_classes: int = ranged(0, 0, 999)  # scene data: ids 0..thing_classes-1 are things (COCO-Stuff-27: 12)
+    eval_crop_size: Optional[int] = ranged(None, 16)  # centre crop after ingest.eval_short_side (scenes: 320)
 
 
 @dataclass(frozen=True)
 class SynthConfig:
     """Defaults of ``lussray synth`` (its flags override them)."""
 
-    classes: int = 5
-    train_per_class: int = 60
-    val_per_class: int = 8
-    test_per_class: int = 8
-    semi_per_class: int = 4  # train-semi images (with ground truth) per class
-    size: int = 128
-    seed: int = 0
-    min_area: float = 0.02  # smallest area fraction of the main object
-    background_contrast: float = 1.0  # 0: flat backgrounds, 1: full-contrast textures
-    background_pool_size: int = 32  # background styles shared by all images; 0: a new one per image
+    ORDERED: ClassVar = (("semi_per_class", "train_per_class"),)  # train-semi images are train images
+
+    classes: int = ranged(5, 1, 999)  # ids 1..N stay below the ignore id 1000
+    train_per_class: int = ranged(60, 0)
+    val_per_class: int = ranged(8, 0)
+    test_per_class: int = ranged(8, 0)
+    semi_per_class: int = ranged(4, 0)  # train-semi images (with ground truth) per class
+    size: int = ranged(128, 16)
+    seed: int = ranged(0, 0, 2**32 - 1)
+    min_area: float = ranged(0.02, above=0, high=0.7)  # smallest area fraction of the main object
+    background_contrast: float = ranged(1.0, 0, 1)  # 0: flat backgrounds, 1: full-contrast textures
+    background_pool_size: int = ranged(32, 0)  # background styles shared by all images; 0: a new one per image
+    # --kind scenes (lussray.data.synthetic_scenes): stuff regions + thing objects, class ids 0..C-1
+    kind: str = one_of("objects", ("objects", "scenes"))
+    thing_classes: int = ranged(6, 0, 499)  # ids 0..T-1
+    stuff_classes: int = ranged(6, 1, 500)  # ids T..T+S-1
+    train_images: int = ranged(240, 0)
+    val_images: int = ranged(48, 0)
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    """How to reach Ray: an address to join, else a local cluster of ``num_cpus`` logical CPUs."""
+    """Which Ray cluster a run uses, and how long it waits for it (lussray.stages.ray_cluster)."""
 
-    # None: RAY_ADDRESS or a running cluster, else start a local one; "local": always a new local one
+    # None: join RAY_ADDRESS if set (`ray job submit`, KubeRay), else start a private local cluster;
+    # "auto" or an address: join that cluster; "local": a private local cluster even if RAY_ADDRESS is set.
+    # A run never joins a cluster merely because one is running on the machine.
     address: Optional[str] = None
     # Logical CPUs of a local cluster. More than the physical cores on purpose: Ray Data needs
     # CPUs left over when Train workers or an actor pool hold theirs, or ingest hangs.
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[int] = ranged(None, 1)
+    # Whether the cluster adds nodes on demand; None: detect (a node type published to the GCS
+    # that can still grow). Without one, a request the cluster cannot hold fails at once.
+    autoscaler: Optional[bool] = None
+    # Seconds to wait for the autoscaler to add the nodes a Train fit or an actor pool needs.
+    resource_wait_s: float = ranged(900.0, 0)
+    # Seconds an actor pool may take to start its minimum actors (scheduling + the model load).
+    actor_start_timeout_s: int = ranged(600, 1)
+    # Seconds one ray.get on the k-means actors may wait (loading a group of embedding files included).
+    get_timeout_s: float = ranged(3600.0, above=0)
 
 
 @dataclass(frozen=True)
 class MultiCropConfig:
     """Multi-crop views of SwAV/PASS: groups of RandomResizedCrops, the first group global."""
 
-    num_crops: list[int] = field(default_factory=lambda: [2])
-    crop_sizes: list[int] = field(default_factory=lambda: [224])
-    min_scales: list[float] = field(default_factory=lambda: [0.08])
-    max_scales: list[float] = field(default_factory=lambda: [1.0])
-    flip_p: float = 0.5
-    color_jitter_strength: float = 1.0  # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5  # Gaussian blur, radius uniform in [0.1, 2.0]
+    SAME_LENGTH: ClassVar = ("num_crops", "crop_sizes", "min_scales", "max_scales")  # one entry per group
+    ORDERED: ClassVar = (("min_scales", "max_scales"),)
+
+    num_crops: list[int] = ranged(factory=lambda: [2], low=1)
+    crop_sizes: list[int] = ranged(factory=lambda: [224], low=16)
+    min_scales: list[float] = ranged(factory=lambda: [0.08], above=0, high=1)
+    max_scales: list[float] = ranged(factory=lambda: [1.0], above=0, high=1)
+    flip_p: float = ranged(0.5, 0, 1)
+    # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p = 0.8; the hue jitter 0.2s allows at most s = 2.5
+    color_jitter_strength: float = ranged(1.0, 0, 2.5)
+    grayscale_p: float = ranged(0.2, 0, 1)
+    blur_p: float = ranged(0.5, 0, 1)  # Gaussian blur, radius uniform in [0.1, 2.0]
 
 
 @dataclass(frozen=True)
 class IngestConfig:
     """Ray Data ingest: decode + augmentation tasks feeding the Train workers."""
 
-    map_batch_size: int = 32  # images per map_batches call
-    cpus_per_map_task: float = 1.0
-    prefetch_batches: int = 2
+    map_batch_size: int = ranged(32, 1)  # images per map_batches call
+    cpus_per_map_task: float = ranged(1.0, above=0)
+    prefetch_batches: int = ranged(2, 0)
     # Object-store memory Ray Data may fill ahead of the Train workers. Bounding it keeps decode
     # from racing ahead and taking CPU from the model when both share a node.
-    max_ahead_mb: int = 512
-    eval_short_side: int = 256  # evaluation: Resize(256) of the shorter side, aspect kept
-    finetune_crop_size: int = 224  # joint RandomResizedCrop for (image, label) pairs
-    finetune_min_scale: float = 0.08
+    max_ahead_mb: int = ranged(512, 1)
+    eval_short_side: int = ranged(256, 32)  # evaluation: Resize(256) of the shorter side, aspect kept
+    finetune_crop_size: int = ranged(224, 32)  # joint RandomResizedCrop for (image, label) pairs
+    finetune_min_scale: float = ranged(0.08, above=0, high=1)
     shuffle_files: bool = True
     # Rows each Train worker mixes before batching (``iter_torch_batches``' local shuffle buffer):
     # on top of the mixed order `lussray prepare` writes, so every epoch sees other batches.
-    shuffle_buffer_size: int = 256
+    shuffle_buffer_size: int = ranged(256, 0)
 
 
 @dataclass(frozen=True)
 class TrainLoopConfig:
     """The shared Ray Train loop of every training stage."""
 
-    num_workers: int = 2
+    num_workers: int = ranged(2, 1)
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # fractional on laptops so Ray Data keeps CPUs (see RayConfig)
-    gpus_per_worker: float = 1.0
-    batch_size_per_worker: int = 32
-    epochs: int = 100
-    base_lr: float = 0.6
-    final_lr: float = 0.0006
-    warmup_steps: int = 0
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    lars_trust_coefficient: float = 0.001
+    cpus_per_worker: float = ranged(0.5, 0)  # fractional on laptops so Ray Data keeps CPUs (see RayConfig)
+    gpus_per_worker: float = ranged(1.0, above=0)  # used with use_gpu only
+    batch_size_per_worker: int = ranged(32, 1)
+    epochs: int = ranged(100, 1)
+    base_lr: float = ranged(0.6, 0)
+    final_lr: float = ranged(0.0006, 0)
+    warmup_steps: int = ranged(0, 0)
+    weight_decay: float = ranged(1e-6, 0)
+    momentum: float = ranged(0.9, 0, 1)
+    lars_trust_coefficient: float = ranged(0.001, above=0)
     amp: bool = True  # used on CUDA only
     sync_batchnorm: bool = True  # used on CUDA only
-    checkpoint_every_steps: int = 500
-    max_failures: int = 0
-    log_every_steps: int = 10
-    torch_threads: int = 0  # intra-op threads per worker; 0 keeps Ray's default (its CPU count)
-    seed: int = 10010
+    checkpoint_every_steps: int = ranged(500, 1)
+    max_failures: int = ranged(0, 0)  # Ray Train restarts after a worker failure (Ray's -1, forever, is refused)
+    log_every_steps: int = ranged(10, 1)
+    torch_threads: int = ranged(0, 0)  # intra-op threads per worker; 0 keeps Ray's default (its CPU count)
+    seed: int = ranged(10010, 0, 2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -129,20 +222,20 @@ class PretrainConfig:
     """Stage 1, PASS representation learning (SwAV + P2P + D2S)."""
 
     arch: str = "resnet50"
-    hidden_mlp: int = 2048
-    feat_dim: int = 128
-    num_prototypes: int = 3000
-    temperature: float = 0.1
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
-    queue_length: int = 3840  # global; rounded down to a multiple of the global batch
-    queue_start_epoch: int = 15
-    freeze_prototypes_steps: int = 5005
-    shallow_stages: list[int] = field(default_factory=lambda: [3])
+    hidden_mlp: int = ranged(2048, 1)
+    feat_dim: int = ranged(128, 1)
+    num_prototypes: int = ranged(3000, 1)
+    temperature: float = ranged(0.1, above=0)
+    sinkhorn_epsilon: float = ranged(0.05, above=0)
+    sinkhorn_iterations: int = ranged(3, 1)
+    queue_length: int = ranged(3840, 0)  # global; rounded down to a multiple of the global batch
+    queue_start_epoch: int = ranged(15, 0)
+    freeze_prototypes_steps: int = ranged(5005, 0)
+    shallow_stages: list[int] = ranged(factory=lambda: [3], low=1, high=3)  # ResNet stages 1..3 (D2S)
     # weights of the image-to-image loss then one per shallow stage (paper eq. 5)
-    loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    p2p_weight: float = 1.0
-    p2p_grid_size: int = 7
+    loss_weights: list[float] = ranged(factory=lambda: [1.0, 1.0], low=0)
+    p2p_weight: float = ranged(1.0, 0)
+    p2p_grid_size: int = ranged(7, 1)
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
     loop: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
@@ -151,9 +244,9 @@ class PretrainConfig:
 class AttentionConfig:
     """Stage 2.1, pixel attention trained on the frozen backbone."""
 
-    queue_length: int = 3840
-    queue_start_epoch: int = 0
-    freeze_prototypes_steps: int = 0
+    queue_length: int = ranged(3840, 0)
+    queue_start_epoch: int = ranged(0, 0)
+    freeze_prototypes_steps: int = ranged(0, 0)
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
     loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=20))
 
@@ -162,30 +255,34 @@ class AttentionConfig:
 class LabelgenConfig:
     """Stage 2.2-2.4: embeddings, sharded k-means, the "other" threshold, pseudo labels."""
 
-    num_clusters: Optional[int] = None  # None: the dataset's num_classes
-    crop_size: int = 224  # clustering embeds Resize(ingest.eval_short_side) + CenterCrop(crop_size)
-    tau: Optional[float] = None  # fixed "other" threshold; None: sweep on tau_split
+    ORDERED: ClassVar = (("tau_min", "tau_max"), ("actor_pool_min", "actor_pool_max"))
+
+    num_clusters: Optional[int] = ranged(None, 1)  # None: the dataset's num_classes
+    crop_size: int = ranged(224, 32)  # clustering embeds Resize(ingest.eval_short_side) + CenterCrop(crop_size)
+    # Fixed "other" threshold (the attention scores and their per-image rescaling lie in [0, 1]);
+    # None: sweep on tau_split
+    tau: Optional[float] = ranged(None, 0, 1)
     # The split whose ground truth the sweep fits tau to. The reference uses validation, which then
     # scores pseudo labels with a threshold fitted to the very images they are scored on;
     # train-semi (labelled training images) keeps validation untouched by every stage.
-    tau_split: str = "validation"
+    tau_split: str = one_of("validation", ("validation", "train-semi"))
     # What tau thresholds: "absolute" scores (the reference) or "image", each image's scores min-max
-    # rescaled to [0, 1] (lussray.cluster.pixel_labels).
-    score_scale: str = "absolute"
-    tau_min: float = 0.0
-    tau_max: float = 0.8
-    tau_step: float = 0.01
-    kmeans_iterations: int = 20
-    kmeans_redo: int = 30
-    kmeans_seed: int = 10010
-    kmeans_actors: int = 2
+    # rescaled to [0, 1] (lussray.cluster.pixel_labels.SCORE_SCALES).
+    score_scale: str = one_of("absolute", ("absolute", "image"))
+    tau_min: float = ranged(0.0, 0, 1)
+    tau_max: float = ranged(0.8, 0, 1)
+    tau_step: float = ranged(0.01, above=0, high=1)
+    kmeans_iterations: int = ranged(20, 1)
+    kmeans_redo: int = ranged(30, 1)
+    kmeans_seed: int = ranged(10010, 0, 2**32 - 1)
+    kmeans_actors: int = ranged(2, 1)
     spherical: bool = False
-    actor_pool_min: int = 1
-    actor_pool_max: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    torch_threads: int = 0  # intra-op threads per actor; 0 keeps torch's default
-    batch_size: int = 64
+    actor_pool_min: int = ranged(1, 1)
+    actor_pool_max: int = ranged(1, 1)
+    gpus_per_actor: float = ranged(0.0, 0)
+    cpus_per_actor: float = ranged(1.0, 0)
+    torch_threads: int = ranged(0, 0)  # intra-op threads per actor; 0 keeps torch's default
+    batch_size: int = ranged(64, 1)
     write_png_tree: bool = False  # also write the official <wnid>/<name>.png tree of the pseudo labels
 
 
@@ -200,43 +297,47 @@ class FinetuneConfig:
 class PredictConfig:
     """Inference of a segmentation model over a split (actor pool), optional dense CRF."""
 
-    max_res: int = 1000  # images with H*W > max_res^2 are predicted at height max_res, then resized
-    actor_pool_min: int = 1
-    actor_pool_max: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    torch_threads: int = 0  # intra-op threads per actor; 0 keeps torch's default
-    batch_size: int = 16  # images per actor call; same-sized images share one forward pass
+    ORDERED: ClassVar = (("actor_pool_min", "actor_pool_max"),)
+
+    max_res: int = ranged(1000, 32)  # images with H*W > max_res^2 are predicted at height max_res, then resized
+    actor_pool_min: int = ranged(1, 1)
+    actor_pool_max: int = ranged(1, 1)
+    gpus_per_actor: float = ranged(0.0, 0)
+    cpus_per_actor: float = ranged(1.0, 0)
+    torch_threads: int = ranged(0, 0)  # intra-op threads per actor; 0 keeps torch's default
+    batch_size: int = ranged(16, 1)  # images per actor call; same-sized images share one forward pass
     crf: bool = False
-    crf_iterations: int = 10
-    crf_pos_xy_std: float = 1.0
-    crf_pos_w: float = 3.0
-    crf_bi_xy_std: float = 67.0
-    crf_bi_rgb_std: float = 3.0
-    crf_bi_w: float = 4.0
-    crf_timeout_s: float = 60.0
+    crf_iterations: int = ranged(10, 1)
+    crf_pos_xy_std: float = ranged(1.0, above=0)
+    crf_pos_w: float = ranged(3.0, 0)
+    crf_bi_xy_std: float = ranged(67.0, above=0)
+    crf_bi_rgb_std: float = ranged(3.0, above=0)
+    crf_bi_w: float = ranged(4.0, 0)
+    crf_timeout_s: float = ranged(60.0, above=0)
 
 
 @dataclass(frozen=True)
 class DistmatchConfig:
     """Distance-matching protocol: weighted kNN of pixels against train-semi instance embeddings."""
 
-    k: int = 10
-    temperature: float = 0.07
-    feature_upsample: int = 4  # c4 (stride 32) bilinearly upsampled x4: stride 8, as the reference
-    actor_pool_min: int = 1
-    actor_pool_max: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    torch_threads: int = 0  # intra-op threads per actor; 0 keeps torch's default
-    batch_size: int = 16
+    ORDERED: ClassVar = (("actor_pool_min", "actor_pool_max"),)
+
+    k: int = ranged(10, 1)
+    temperature: float = ranged(0.07, above=0)
+    feature_upsample: int = ranged(4, 1)  # c4 (stride 32) bilinearly upsampled x4: stride 8, as the reference
+    actor_pool_min: int = ranged(1, 1)
+    actor_pool_max: int = ranged(1, 1)
+    gpus_per_actor: float = ranged(0.0, 0)
+    cpus_per_actor: float = ranged(1.0, 0)
+    torch_threads: int = ranged(0, 0)  # intra-op threads per actor; 0 keeps torch's default
+    batch_size: int = ranged(16, 1)
 
 
 @dataclass(frozen=True)
 class SemisupConfig:
     """Semi-supervised protocol: fine-tuning on train-semi ground truth (ignore 1000)."""
 
-    min_scale: float = 0.14
+    min_scale: float = ranged(0.14, above=0, high=1)
     loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=100))
 
 
@@ -255,6 +356,87 @@ class LussConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
     distmatch: DistmatchConfig = field(default_factory=DistmatchConfig)
     semisup: SemisupConfig = field(default_factory=SemisupConfig)
+
+
+def _is_numeric(hint: Any) -> bool:
+    """Whether a field typed ``hint`` holds numbers: int, float, an Optional or a list of them (bool is not)."""
+    return hint in (int, float) or (get_origin(hint) in (Union, list) and any(map(_is_numeric, get_args(hint))))
+
+
+def unranged_keys(schema: type = LussConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of numeric fields declared without :func:`ranged` (the schema's own test keeps it empty)."""
+    missing = []
+    for spec in fields(schema):
+        hint = get_type_hints(schema)[spec.name]
+        if is_dataclass(hint):
+            missing += unranged_keys(hint, f"{prefix}{spec.name}.")
+        elif _is_numeric(hint) and "range" not in spec.metadata:
+            missing.append(f"{prefix}{spec.name}")
+    return missing
+
+
+def _check_values(node: Any, prefix: str) -> None:
+    for spec in fields(node):
+        key, value = f"{prefix}{spec.name}", getattr(node, spec.name)
+        if is_dataclass(value):
+            _check_values(value, f"{key}.")
+        elif value is None:  # omegaconf allows None for Optional keys only
+            continue
+        elif "range" in spec.metadata:
+            limits = spec.metadata["range"]
+            for index, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+                if item not in limits:
+                    where = key if index is None else f"{key}[{index}]"
+                    raise ConfigError(f"{where}={item} is out of range: must be {limits}")
+        elif "choices" in spec.metadata and value not in spec.metadata["choices"]:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(spec.metadata['choices'])}")
+
+
+def _check_relations(node: Any, prefix: str) -> None:
+    """The class-level constraints: ``SAME_LENGTH`` lists, ``ORDERED`` (low, high) pairs (per element for lists)."""
+    same = getattr(node, "SAME_LENGTH", ())
+    if same and (len({len(getattr(node, name)) for name in same}) > 1 or not getattr(node, same[0])):
+        lengths = ", ".join(f"{prefix}{name}={getattr(node, name)}" for name in same)
+        raise ConfigError(f"{lengths}: need one entry each per crop group, at least one group")
+    for low, high in getattr(node, "ORDERED", ()):
+        lows, highs = getattr(node, low), getattr(node, high)
+        pairs = zip(lows, highs) if isinstance(lows, list) else [(lows, highs)]
+        for index, (small, large) in enumerate(pairs):
+            if small is not None and large is not None and small > large:
+                at = f"[{index}]" if isinstance(lows, list) else ""
+                raise ConfigError(f"{prefix}{low}{at}={small} exceeds {prefix}{high}{at}={large}")
+    for spec in fields(node):
+        if is_dataclass(getattr(node, spec.name)):
+            _check_relations(getattr(node, spec.name), f"{prefix}{spec.name}.")
+
+
+def check_values(config: LussConfig) -> None:
+    """Check every key against its range or choices, then the cross-key constraints.
+
+    Raises:
+        ConfigError: naming the first key (dotted path) out of range and its allowed range.
+    """
+    _check_values(config, "")
+    _check_relations(config, "")
+
+
+def flag_type(schema: type, name: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` for a flag that sets ``schema.name``: parses a number, applies that key's range."""
+    limits = next(spec for spec in fields(schema) if spec.name == name).metadata["range"]
+    hint = get_type_hints(schema)[name]
+    parse_number = float if float in (hint, *get_args(hint)) else int
+
+    def parse(text: str) -> Any:
+        try:
+            value = parse_number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'' if parse_number is int else ' real'} number") \
+                from None
+        if value not in limits:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {limits}")
+        return value
+
+    return parse
 
 
 def available_datasets() -> list[str]:
@@ -326,6 +508,7 @@ def load_config(
         key = getattr(error, "full_key", None) or "?"
         raise ConfigError(f"bad key {key!r}: {str(error).splitlines()[0]}") from None
     assert isinstance(config, LussConfig)
+    check_values(config)
     return config
 
 

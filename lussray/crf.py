@@ -13,6 +13,17 @@ most ``timeout_s``: it then keeps the plain argmax and is counted. Deviation fro
 code: images larger than ``max_res^2`` pixels are refined at the size the evaluation rule arg-maxes
 them at (height ``max_res``, :func:`lussray.models.segmenter.infer_labels`) and then nearest-resized.
 
+The pixel protocol (``lussray evaluate --protocol pixel``, scene-centric methods) refines K-class
+probabilities at the evaluation crop (320 x 320) with the named set :data:`STEGO_HP_CRF` through
+:meth:`CRFRefiner.refine_probabilities`, the same child process and timeout. Its values are
+STEGO's ``src/crf.py`` constants, which HP's ``utils/seg_utils.py`` repeats unchanged
+(seed-methods.md, sections 2.5 and 3.5): ``MAX_ITER = 10``, ``POS_XY_STD = 1``, ``POS_W = 3``,
+``Bi_XY_STD = 67``, ``Bi_RGB_STD = 3``, ``Bi_W = 4``, the image fed as uint8 BGR and the unary
+``unary_from_softmax`` of the probabilities (STEGO's cluster probe: ``softmax(2 * cos)``, its linear
+probe: the softmax of its logits, both bilinearly upsampled to the crop first). They are written
+out on their own so that the PASS demo's settings (``predict.crf_*``, :class:`CRFParams`'s
+defaults, today the same numbers) can change without moving the reference.
+
 References:
     - [0]: Kraehenbuehl and Koltun, "Efficient Inference in Fully Connected CRFs with Gaussian
       Edge Potentials", NeurIPS 2011.
@@ -40,6 +51,11 @@ class CRFParams:
     bi_xy_std: float = 67.0
     bi_rgb_std: float = 3.0
     bi_w: float = 4.0
+
+
+# STEGO ``src/crf.py`` = HP ``utils/seg_utils.py`` (seed-methods.md, section 2.5).
+STEGO_HP_CRF = CRFParams(iterations=10, pos_xy_std=1.0, pos_w=3.0, bi_xy_std=67.0, bi_rgb_std=3.0, bi_w=4.0)
+PARAMETER_SETS: dict[str, CRFParams] = {"stego-hp": STEGO_HP_CRF}
 
 
 def require_pydensecrf() -> None:
@@ -116,6 +132,25 @@ class CRFRefiner:
         if target != (height, width):
             labels = resize_nearest(torch.from_numpy(labels), (height, width)).numpy()
         return labels
+
+    def refine_probabilities(self, probabilities: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """K-class probabilities of one image at its size -> (H, W) int64 ids (the pixel protocol).
+
+        Args:
+            probabilities: (K, H, W) float, each pixel summing to 1 (e.g. a cluster probe's
+                ``softmax(2 * cos)`` upsampled to the evaluation crop).
+            image: (H, W, 3) uint8 RGB image of the same size.
+
+        Returns:
+            The CRF's argmax, or the plain argmax when the CRF passes ``timeout_s`` (counted in
+            :attr:`timeouts`).
+        """
+        probabilities = np.ascontiguousarray(probabilities, dtype=np.float32)
+        if probabilities.ndim != 3 or image.shape != probabilities.shape[1:] + (3,):
+            shapes = f"probabilities {probabilities.shape}, image {image.shape}"
+            raise ValueError(f"{shapes}: expected (K, H, W) and (H, W, 3)")
+        labels = self._run(probabilities, np.ascontiguousarray(image, dtype=np.uint8))
+        return probabilities.argmax(0).astype(np.int64) if labels is None else labels
 
     def _run(self, probabilities: np.ndarray, image: np.ndarray) -> np.ndarray | None:
         if self._pool is None:

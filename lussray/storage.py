@@ -23,6 +23,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from lussray.errors import UserError
+
 
 def is_uri(path: str) -> bool:
     """Whether ``path`` names an object-store location (``scheme://...``)."""
@@ -40,6 +42,27 @@ def join(base: str, *parts: str) -> str:
     if is_uri(base):
         return "/".join([base.rstrip("/"), *[part.strip("/") for part in parts]])
     return str(Path(base).joinpath(*parts))
+
+
+def join_under(root: str, relative: str) -> str:
+    """``root`` joined with ``relative``, refusing any result that is not inside ``root``.
+
+    For output paths built from untrusted names (sample keys of a shard): ``relative`` must be
+    a relative path whose normalised form stays under ``root`` (no leading ``/``, no ``..``
+    climbing out, no backslash, NUL or scheme). Works for local paths and URIs alike; symbolic
+    links are not followed (the names are checked, not the file system).
+
+    Raises:
+        UserError: naming ``relative`` and ``root`` when the result would escape ``root``.
+    """
+    relative = str(relative)
+    parts = relative.split("/")
+    bad = (not relative or relative.startswith("/") or "\\" in relative or "\0" in relative
+           or "://" in relative or any(part in ("", ".", "..") for part in parts))
+    if bad:
+        raise UserError(f"refusing to write {relative!r} under {root}: it is not a plain relative path "
+                        f"inside that folder (from an untrusted sample key?)")
+    return join(root, *parts)
 
 
 #: Environment variables naming an S3-compatible endpoint, most specific first (the AWS SDK names).
@@ -89,6 +112,17 @@ def makedirs(path: str) -> None:
     """Create a folder and its parents (a no-op on object stores)."""
     if not is_uri(path):
         os.makedirs(path, exist_ok=True)
+
+
+def remove(path: str) -> None:
+    """Delete the file at ``path`` if there is one."""
+    if not is_uri(path):
+        if os.path.exists(path):
+            os.unlink(path)
+        return
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type == pafs.FileType.File:
+        fs.delete_file(inner)
 
 
 def read_bytes(path: str) -> bytes:

@@ -149,3 +149,99 @@ def test_evaluator_loads_neither_ray_nor_torch():
         "assert not {'ray', 'torch'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- --protocol pixel ----------------------------------------------------------------------------
+
+PIXEL_CLASSES, PIXEL_CLUSTERS = 3, 5
+
+
+@pytest.fixture()
+def scene_gt(tmp_path) -> Path:
+    """Six 12 x 16 scene label maps, classes 0..2 and 1000 (ignore), in nested folders."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "gt"
+    for i in range(6):
+        gt = rng.integers(0, PIXEL_CLASSES, (12, 16))
+        gt[rng.random(gt.shape) < 0.1] = 1000
+        write_label_png(root / f"town{i % 2}" / f"scene_{i}.png", gt)
+    return root
+
+
+def _pixel_predictions(gt_dir: Path, out: Path, make) -> list[Path]:
+    paths = sorted(gt_dir.rglob("*.png"))
+    for path in paths:
+        write_label_png(out / path.relative_to(gt_dir), make(read_label_png(path)))
+    return [out / p.relative_to(gt_dir) for p in paths]
+
+
+def _pixel(gt: Path, pred: Path, *extra: str) -> int:
+    return _evaluate("--protocol", "pixel", "--pred", str(pred), "--gt", str(gt),
+                     "--classes", str(PIXEL_CLASSES), *extra)
+
+
+def test_pixel_protocol_permuted_perfect_scores_100(scene_gt, tmp_path, capsys):
+    perm = np.array([4, 0, 2])  # cluster of each class; clusters 1 and 3 unused (K > C)
+    pred = tmp_path / "pred"
+    _pixel_predictions(scene_gt, pred, lambda gt: np.where(gt == 1000, 3, perm[np.minimum(gt, 2)]))
+    assert _pixel(scene_gt, pred, "--clusters", str(PIXEL_CLUSTERS), "--things", "0", "--per-class") == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "Acc" in out and "mIoU_things" in out
+    metrics = json.loads((pred / "metrics.json").read_text())
+    assert metrics["protocol"] == "pixel" and metrics["num_images"] == 6
+    assert metrics["mIoU"] == pytest.approx(100) and metrics["Acc"] == pytest.approx(100)
+    assert metrics["iou"] == pytest.approx([100, 100, 100])
+    assert metrics["match"] == {"0": 1, "2": 2, "4": 0} and metrics["unmatched_clusters"] == [1, 3]
+    assert metrics["groups"] == {"things": [0], "stuff": [1, 2]}
+    assert metrics["mIoU_things"] == pytest.approx(100)
+
+
+def test_pixel_protocol_identity_for_class_ids(scene_gt, tmp_path):
+    pred = tmp_path / "pred"
+    _pixel_predictions(scene_gt, pred, lambda gt: np.where(gt == 1000, 0, np.where(gt == 2, 1, gt)))
+    assert _pixel(scene_gt, pred, "--match", "identity", "--out", str(tmp_path / "o")) == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["matching"] == "identity" and metrics["match"] == {"0": 0, "1": 1, "2": 2}
+    assert metrics["iou"][0] == pytest.approx(100) and metrics["iou"][2] == pytest.approx(0)
+    assert metrics["Acc"] < 100
+    assert not (pred / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "2 of 6 prediction files are missing"),
+        ("size", "1 of 6 files have another size than their ground truth"),
+        ("ids", "1 of 6 files hold ids outside the clusters 0..K-1"),
+        ("match", "--match must be one of hungarian, identity"),
+    ],
+)
+def test_pixel_protocol_bad_input_exits_2(scene_gt, tmp_path, capsys, damage, message):
+    pred = tmp_path / "pred"
+    paths = _pixel_predictions(scene_gt, pred, lambda gt: np.where(gt == 1000, 0, gt))
+    extra: tuple[str, ...] = ()
+    if damage == "missing":
+        paths[1].unlink()
+        paths[4].unlink()
+    elif damage == "size":
+        write_label_png(paths[1], np.zeros((5, 7), np.int64))
+    elif damage == "ids":
+        write_label_png(paths[1], np.full((12, 16), PIXEL_CLASSES))  # K defaults to C: id C is out
+    else:
+        extra = ("--match", "best")
+    assert _pixel(scene_gt, pred, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    if damage != "match":
+        assert str(paths[1]) in err
+    assert not (pred / "metrics.json").exists()
+
+
+def test_scene_preset_selects_the_pixel_protocol_and_its_things(scene_gt, tmp_path):
+    pred = tmp_path / "pred"
+    _pixel_predictions(scene_gt, pred, lambda gt: np.where(gt == 1000, 0, gt))
+    # synthetic-scenes: protocol pixel, 12 classes, things 0..5 (C = 12 here, classes 3..11 absent).
+    assert _evaluate("--dataset", "synthetic-scenes", "--pred", str(pred), "--gt", str(scene_gt)) == 0
+    metrics = json.loads((pred / "metrics.json").read_text())
+    assert metrics["protocol"] == "pixel" and metrics["num_classes"] == 12
+    assert metrics["groups"]["things"] == list(range(6)) and metrics["mIoU"] == pytest.approx(100)

@@ -128,3 +128,122 @@ def test_damaged_shard_is_named_before_streaming(tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(UserError, match="train-000000.tar is damaged"):
         shard_paths(str(tmp_path / "out"), "train")
+
+
+# -- untrusted input and reruns with other inputs -------------------------------------------------
+
+
+def _prepare_split(src, out, split, *extra):
+    return main(["prepare", "--src", str(src), "--out", str(out), "--splits", split, "--workers", "1",
+                 "dataset.num_classes=2", *extra])
+
+
+def _skipped(out, split):
+    return {item["key"]: item["reason"] for item in read_manifest(str(out), split)["skipped"]}
+
+
+def test_images_beyond_the_limits_are_skipped_with_their_reason(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from lussray.data.imagenet_s import write_label_png
+
+    src = make_tree(tmp_path / "tree", per_class=2)
+    # a 1 x 65535 PNG image with its 1 x 65535 ground truth (270 bytes each), and a 1 x 60000 JPEG
+    Image.fromarray(np.zeros((1, 65535, 3), np.uint8)).save(src / "validation" / "n001" / "wide.png")
+    write_label_png(src / "validation-segmentation" / "n001" / "wide.png", np.ones((1, 65535), np.int32))
+    Image.fromarray(np.zeros((60000, 1, 3), np.uint8)).save(src / "train" / "n002" / "tall.JPEG")
+    # a name that is not a safe sample key (prepare never writes it, the run goes on)
+    (src / "train" / "n001" / "bad name.JPEG").write_bytes((src / "train" / "n001" / "n001_0.JPEG").read_bytes())
+    assert _prepare(src, tmp_path / "out") == 0
+    validation, train = _skipped(tmp_path / "out", "validation"), _skipped(tmp_path / "out", "train")
+    assert set(validation) == {"n001/wide"} and "aspect ratio 65535.0 beyond dataset.max_aspect=20" in validation["n001/wide"]
+    assert set(train) == {"n002/tall", "n001/bad name"} and "aspect ratio" in train["n002/tall"]
+    assert "sample key 'n001/bad name'" in train["n001/bad name"]
+    assert read_manifest(str(tmp_path / "out"), "train")["num_samples"] == 4
+    # the pixel-count limit, from the config
+    assert _prepare_split(src, tmp_path / "out2", "validation", "dataset.max_pixels=2000") == 0
+    reasons = _skipped(tmp_path / "out2", "validation")
+    assert len(reasons) == 5 and "40x52 = 2080 pixels, more than dataset.max_pixels=2000" in reasons["n001/n001_0"]
+    assert "2 skipped" in capsys.readouterr().out
+
+
+def test_rerun_after_a_ground_truth_png_changed_is_refused_then_rewritten(tmp_path, capsys):
+    import numpy as np
+
+    from lussray.data.imagenet_s import Categories, label_from_png_bytes, write_label_png
+    from lussray.data.shards import ImageLimits, prepare_split
+
+    src = make_tree(tmp_path / "tree", per_class=4)
+    out = tmp_path / "out"
+    assert _prepare(src, out, "--samples-per-shard", "2") == 0
+    shards = {p.name: p.stat().st_mtime_ns for p in (out / "validation").glob("*.tar")}
+    label = np.zeros((40, 52), np.int32)
+    label[:10] = 2
+    write_label_png(src / "validation-segmentation" / "n001" / "n001_2.png", label)
+    capsys.readouterr()
+    assert _prepare(src, out, "--samples-per-shard", "2") == 2
+    err = capsys.readouterr().err
+    assert "nothing to do" not in err and "validation/manifest.json was prepared from other inputs" in err
+    assert "ground truth of 1 of 4 shards" in err and "--overwrite" in err
+    # --overwrite rewrites the changed shard only
+    manifest = prepare_split(str(src), str(out), "validation", Categories(("n001", "n002")), samples_per_shard=2,
+                             max_shard_bytes=10**9, workers=1, limits=ImageLimits(20.0, 40_000_000), overwrite=True)
+    rewritten = [name for name, mtime in shards.items() if (out / "validation" / name).stat().st_mtime_ns != mtime]
+    assert len(rewritten) == 1
+    members = {k: m for path in shard_paths(str(out), "validation") for k, m in iter_tar(path)}
+    assert (label_from_png_bytes(members["n001/n001_2"]["seg.png"]) == label).all()
+    assert manifest["num_samples"] == 8
+    assert _prepare(src, out, "--samples-per-shard", "2") == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_rerun_with_another_category_list_is_refused(tmp_path, capsys):
+    src = make_tree(tmp_path / "tree", wnids=("n001", "n002", "n003"), per_class=2)
+    listing = tmp_path / "cats.txt"
+    listing.write_text("n001\nn002\n")
+    assert _prepare_split(src, tmp_path / "out", "train", "--categories", str(listing)) == 0
+    listing.write_text("n001\nn003\n")
+    capsys.readouterr()
+    assert _prepare_split(src, tmp_path / "out", "train", "--categories", str(listing)) == 2
+    assert "(changed: the category list)" in capsys.readouterr().err
+
+
+def test_invalid_done_record_means_the_shard_is_written_again(tmp_path, capsys):
+    src = make_tree(tmp_path / "tree", per_class=2)
+    out = tmp_path / "out"
+    assert _prepare_split(src, out, "train") == 0
+    (out / "train" / "manifest.json").unlink()  # as if killed before the manifest
+    record = out / "train" / "train-000000.tar.done.json"
+    record.write_text('{"name": "train-000000.tar", "bytes": ')
+    capsys.readouterr()
+    assert _prepare_split(src, out, "train") == 0
+    assert f"ignoring {record}: not valid JSON" in capsys.readouterr().out
+    assert json.loads(record.read_text())["num_samples"] == 4
+
+
+def test_invalid_manifest_is_named(tmp_path, capsys):
+    src = make_tree(tmp_path / "tree", per_class=2)
+    out = tmp_path / "out"
+    assert _prepare_split(src, out, "train") == 0
+    (out / "train" / "manifest.json").write_text("{")
+    capsys.readouterr()
+    assert _prepare_split(src, out, "train") == 2
+    err = capsys.readouterr().err
+    assert "train/manifest.json is not valid JSON" in err and "--overwrite" in err
+    assert main(["peek", "--data", str(out), "--split", "train"]) == 2  # a reader names it too, before Ray starts
+    assert "train/manifest.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_corrupt_shard_of_the_right_size_is_named(tmp_path):
+    from lussray.errors import UserError
+
+    src = make_tree(tmp_path / "tree", per_class=2)
+    assert _prepare_split(src, tmp_path / "out", "train") == 0
+    shard = tmp_path / "out" / "train" / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[: len(data) // 2] = bytes(len(data) // 2)
+    shard.write_bytes(bytes(data))
+    (path,) = shard_paths(str(tmp_path / "out"), "train")  # the size matches the manifest
+    with pytest.raises(UserError, match="train-000000.tar is damaged"):
+        list(iter_tar(path))

@@ -1,7 +1,11 @@
-"""Benchmark: `lussray evaluate` on an ImageNet-S919-sized validation set, and the tau sweep.
+"""Benchmark: `lussray evaluate` on an ImageNet-S919-sized validation set, the tau sweep, the pixel protocol.
 
     .venv/bin/python tools/bench_evaluate.py [--images 12419] [--classes 919] [--workers 2]
                                              [--cache bench-out/eval-cache] [--baseline-images 40]
+    .venv/bin/python tools/bench_evaluate.py --protocol pixel [--images 2175] [--classes 27] [--workers 2]
+
+``--protocol pixel`` (COCO-Stuff-27 val sized: 2,175 label maps of 320 x 320, 27 classes) is
+described in :func:`main_pixel`; the rest of this text is the ImageNet-S benchmark.
 
 1. Data: ``--images`` ground-truth maps of ImageNet size (about 500 x 375; 1-2 objects, ellipses or
    rectangles, of 1..919 on "other", with a 2-px ignore band on every object boundary) and a noisy
@@ -41,16 +45,24 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from lussray.data.imagenet_s import IGNORE_ID, encode_label  # noqa: E402
+from lussray.data.imagenet_s import IGNORE_ID, encode_label, read_label_png  # noqa: E402
 from lussray.eval.evaluate import evaluate_items, format_table  # noqa: E402
 from lussray.eval.io import list_items, read_label, write_atomic  # noqa: E402
 from lussray.eval.parallel import ordered_map  # noqa: E402
+from lussray.eval.pixel import (  # noqa: E402
+    confusion,
+    evaluate_pixel_items,
+    format_pixel_table,
+    list_pixel_items,
+    things_stuff,
+)
 from lussray.eval.sweep import DEFAULT_TAUS, sweep_tau  # noqa: E402
 from tests.unit.test_eval_reference import official_metrics, official_presence  # noqa: E402
 
@@ -198,15 +210,178 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+# ---- --protocol pixel ----------------------------------------------------------------------------
+
+SCENE_SIZE = 320
+NUM_THINGS = 12  # COCO-Stuff-27: classes 0..11 things, 12..26 stuff
+
+
+def make_scene_pair(index: int, classes: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """(key, ground truth, prediction) of scene ``index``: stuff regions, thing objects; deterministic.
+
+    Ground truth: a coarse random grid of stuff classes (nearest-upsampled, so blocky regions),
+    1-4 thing objects on it, a 2-px ignore band on every boundary and ~3% unlabelled blobs (1000).
+    Prediction: cluster ids = a fixed permutation of the classes, shifted by a few pixels, with
+    wrong blobs; 5% of the images predict one cluster everywhere.
+    """
+    rng = np.random.default_rng([SEED, index, 2])
+    things = min(NUM_THINGS, classes - 1)
+    cells = int(rng.integers(2, 6))
+    grid = rng.integers(things, classes, (cells, cells))
+    step = -(-SCENE_SIZE // cells)
+    label = grid.repeat(step, 0).repeat(step, 1)[:SCENE_SIZE, :SCENE_SIZE].astype(np.int64)
+    for _ in range(int(rng.integers(1, 5))):
+        _draw(label, rng, int(rng.integers(0, things)), 0.005, 0.15)
+    gt = label.copy()
+    gt[_ignore_band(label)] = IGNORE_ID
+    for _ in range(int(rng.integers(0, 3))):
+        _draw(gt, rng, IGNORE_ID, 0.005, 0.03)
+    perm = np.random.default_rng(SEED).permutation(classes)
+    pred = perm[np.roll(label, tuple(rng.integers(-4, 5, 2)), axis=(0, 1))]
+    if rng.random() < 0.05:
+        pred[:] = perm[int(rng.integers(classes))]
+    for _ in range(int(rng.integers(0, 4))):
+        _draw(pred, rng, int(rng.integers(0, classes)), 0.002, 0.03)
+    return f"val2017/{index:012d}", gt, pred
+
+
+def _write_scene_pair(index: int, classes: int, cache: Path) -> int:
+    key, gt, pred = make_scene_pair(index, classes)
+    write_atomic(cache / "gt" / f"{key}.png", _png(gt))
+    write_atomic(cache / "pred" / f"{key}.png", _png(pred))
+    return index
+
+
+def ensure_scene_data(cache: Path, images: int, classes: int, workers: int) -> None:
+    marker = cache / "complete.json"
+    spec = {"images": images, "classes": classes, "seed": SEED, "size": SCENE_SIZE, "version": 1}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        print(f"data: reusing {cache}", flush=True)
+        return
+    print(f"data: writing {images} scene ground-truth + prediction PNGs ({SCENE_SIZE} x {SCENE_SIZE}) to {cache}",
+          flush=True)
+    fn = partial(_write_scene_pair, classes=classes, cache=cache)
+    for _ in ordered_map(fn, range(images), workers=workers, chunk_size=32):
+        pass
+    write_atomic(marker, json.dumps(spec).encode())
+
+
+def bincount_baseline(items, classes: int) -> np.ndarray:
+    """The straightforward NumPy evaluator: one process, decode, mask, ``np.bincount(gt * K + pred)``."""
+    hist = np.zeros(classes * classes, np.int64)
+    for item in items:
+        gt, pred = read_label_png(item.gt_path), read_label_png(item.pred_path)
+        mask = gt != IGNORE_ID
+        hist += np.bincount(gt[mask].astype(np.int64) * classes + pred[mask], minlength=classes * classes)
+    return hist.reshape(classes, classes)
+
+
+def main_pixel(args: argparse.Namespace) -> None:
+    """The pixel protocol: lussray (``evaluate_pixel_items``) next to an ``np.bincount`` baseline.
+
+    1. Data: ``--images`` scene label maps of 320 x 320 (the evaluation crop) with ``--classes``
+       classes and noisy permuted predictions (:func:`make_scene_pair`), as PNG under ``--cache``.
+    2. lussray: the whole protocol on the PNG files (streaming, ``--workers`` processes, id
+       checks, one Hungarian matching, metrics): images/s of wall time and CPU ms per image.
+    3. Baseline in the same run: a one-process loop that decodes both PNGs, masks the ignore
+       pixels and ``np.bincount``s ``gt * K + pred`` (no checks), then one
+       ``linear_sum_assignment``; both confusion matrices must be equal.
+    4. The counting alone on decoded arrays (first 200 images): lussray's table look-up +
+       ``bincount`` vs the masked ``bincount``, to separate it from PNG decoding.
+    Last line: JSON with pixel_images_per_s and baseline_images_per_s.
+    """
+    cache = Path(args.cache) / f"pixel-{args.images}-{args.classes}"
+    ensure_scene_data(cache, args.images, args.classes, args.workers)
+    items = list_pixel_items(cache / "gt", cache / "pred")
+    load = os.getloadavg()[0]
+    print(f"pixel: {len(items)} images, {args.classes} classes, {args.workers} workers (load average {load:.1f})",
+          flush=True)
+
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    evaluation = evaluate_pixel_items(items, num_classes=args.classes, num_clusters=args.classes,
+                                      groups=things_stuff(range(min(NUM_THINGS, args.classes - 1)), args.classes),
+                                      workers=args.workers, progress=partial(print, flush=True))
+    pixel_seconds = time.perf_counter() - started
+    pixel_cpu = (_cpu_seconds() - cpu) / len(items)
+    print(format_pixel_table(evaluation.metrics), flush=True)
+    perm = np.random.default_rng(SEED).permutation(args.classes)
+    recovered = float(np.mean(evaluation.metrics.mapping[perm] == np.arange(args.classes)))
+
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    hist = bincount_baseline(items, args.classes)
+    linear_sum_assignment(hist, maximize=True)
+    baseline_seconds = time.perf_counter() - started
+    baseline_cpu = (_cpu_seconds() - cpu) / len(items)
+    if not np.array_equal(hist, evaluation.metrics.hist):
+        raise SystemExit("pixel: the baseline's confusion matrix differs from lussray's")
+
+    arrays = [(read_label(i.pred_path), read_label(i.gt_path)) for i in items[:200]]
+    t0 = time.process_time()
+    for pred, gt in arrays:
+        confusion(pred, gt, args.classes, args.classes)
+    count_lussray = (time.process_time() - t0) / len(arrays)
+    t0 = time.process_time()
+    for pred, gt in arrays:
+        mask = gt != IGNORE_ID
+        np.bincount(gt[mask].astype(np.int64) * args.classes + pred[mask], minlength=args.classes ** 2)
+    count_baseline = (time.process_time() - t0) / len(arrays)
+
+    rows = [
+        (f"lussray, {args.workers} workers", f"{pixel_seconds:.1f} s", f"{len(items) / pixel_seconds:.0f}",
+         f"{pixel_cpu * 1e3:.2f}", f"{count_lussray * 1e3:.3f}"),
+        ("np.bincount baseline, 1 process", f"{baseline_seconds:.1f} s", f"{len(items) / baseline_seconds:.0f}",
+         f"{baseline_cpu * 1e3:.2f}", f"{count_baseline * 1e3:.3f}"),
+    ]
+    header = ("pixel protocol", "wall", "images/s", "CPU ms/img (all processes)", "counting only ms/img")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+    print(f"matching recovered {recovered:.1%} of the permutation; confusion matrices equal; "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+
+    report = {
+        "pixel_images_per_s": round(len(items) / pixel_seconds, 1),
+        "baseline_images_per_s": round(len(items) / baseline_seconds, 1),
+        "images": len(items),
+        "classes": args.classes,
+        "size": SCENE_SIZE,
+        "workers": args.workers,
+        "pixel_seconds": round(pixel_seconds, 2),
+        "baseline_seconds": round(baseline_seconds, 2),
+        "pixel_cpu_ms_per_image": round(pixel_cpu * 1e3, 3),
+        "baseline_cpu_ms_per_image": round(baseline_cpu * 1e3, 3),
+        "counting_ms_per_image": {"lussray": round(count_lussray * 1e3, 4), "baseline": round(count_baseline * 1e3, 4)},
+        "metrics": evaluation.metrics.summary(),
+        "matching_recovered": recovered,
+        "load_average": {"start": load, "end": os.getloadavg()[0]},
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+    }
+    out = ROOT / "bench-out" / "bench_evaluate_pixel.json"
+    write_atomic(out, (json.dumps(report, indent=2) + "\n").encode())
+    print(f"wrote {out}")
+    print(json.dumps({k: report[k] for k in ("pixel_images_per_s", "baseline_images_per_s", "pixel_seconds",
+                                             "baseline_seconds")}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=12419, help="validation images (ImageNet-S919: 12,419)")
-    parser.add_argument("--classes", type=int, default=919)
+    parser.add_argument("--protocol", choices=("imagenet-s", "pixel"), default="imagenet-s")
+    parser.add_argument("--images", type=int, help="validation images (ImageNet-S919: 12,419; pixel: 2,175)")
+    parser.add_argument("--classes", type=int, help="categories (ImageNet-S919: 919; pixel: 27)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", default=str(ROOT / "bench-out" / "eval-cache"))
     parser.add_argument("--baseline-images", type=int, default=40)
     parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
+    pixel = args.protocol == "pixel"
+    args.images = args.images or (2175 if pixel else 12419)
+    args.classes = args.classes or (27 if pixel else 919)
+    if pixel:
+        main_pixel(args)
+        return
 
     cache = Path(args.cache) / f"{args.images}-{args.classes}"
     ensure_data(cache, args.images, args.classes, args.workers)

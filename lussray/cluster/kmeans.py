@@ -265,22 +265,36 @@ class EmbeddingShard:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _get(refs):
-    """``ray.get`` that re-raises a remote :class:`UserError` as itself (message only)."""
+def _get(refs, timeout_s: float | None = None, files: str = ""):
+    """``ray.get`` with a timeout; a remote :class:`UserError` comes back as itself (message only).
+
+    Any other error of the actors (one died, a timeout) becomes one UserError line naming ``files``.
+    """
     import ray
 
+    from lussray.stages.ray_cluster import current_config
+
+    timeout_s = current_config().get_timeout_s if timeout_s is None else timeout_s
     try:
-        return ray.get(refs)
+        return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, UserError):
             raise UserError(str(error.cause.args[0]) if error.cause.args else "") from None
-        raise
+        raise UserError(f"k-means actors{files}: {type(error.cause).__name__}: "
+                        f"{(str(error.cause).strip().splitlines() or [''])[0]}") from None
+    except ray.exceptions.GetTimeoutError:
+        raise UserError(f"k-means actors{files} did not answer within ray.get_timeout_s={timeout_s:g} s") from None
+    except ray.exceptions.RayError as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise UserError(f"k-means actors{files}: {type(error).__name__}: {first}") from None
 
 
 def _start_shards(paths: list[str], num_actors: int, column: str, normalize_rows: bool, spherical: bool,
-                  gpus_per_actor: float, cpus_per_actor: float) -> list:
-    """One actor per contiguous, size-balanced group of files."""
+                  gpus_per_actor: float, cpus_per_actor: float, keys: str = "labelgen") -> list:
+    """One actor per contiguous, size-balanced group of files, once the cluster can hold them all."""
     import ray
+
+    from lussray.stages import ray_cluster
 
     sizes = []
     for path in paths:
@@ -288,10 +302,15 @@ def _start_shards(paths: list[str], num_actors: int, column: str, normalize_rows
         if size is None:
             raise UserError(f"embedding file not found: {path}")
         sizes.append(size)
+    groups = group_files(sizes, num_actors)
+    # every actor holds its part of the embeddings for the whole run: all must be placed at once
+    ray_cluster.require(ray_cluster.Demand(
+        "k-means actors", len(groups), cpus_per_actor, gpus_per_actor, f"{keys}.kmeans_actors",
+        "cpus_per_actor (k-means)", f"{keys}.gpus_per_actor"), ray_cluster.current_config())
     remote = ray.remote(EmbeddingShard).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
     return [remote.remote([paths[i] for i in group], column, normalize_rows, spherical, gpus_per_actor > 0,
                           max(1, int(cpus_per_actor)))
-            for group in group_files(sizes, num_actors)]
+            for group in groups]
 
 
 def _check_shards(infos: list[dict], k: int) -> tuple[int, int]:
@@ -423,7 +442,7 @@ def sharded_kmeans(paths: list[str], k: int, *, num_actors: int = 2, niter: int 
     _check_args(paths, k, niter, nredo, num_actors)
     actors = _start_shards(paths, num_actors, column, normalize_rows, spherical, gpus_per_actor, cpus_per_actor)
     try:
-        infos = _get([actor.load.remote() for actor in actors])
+        infos = _get([actor.load.remote() for actor in actors], files=f" loading {len(paths)} files in {os.path.dirname(paths[0]) or '.'}")
         num_points, dim = _check_shards(infos, k)
         counts = [info["rows"] for info in infos]
         print(f"[kmeans] {num_points} points x {dim} dims -> K={k}, {len(actors)} actors, "

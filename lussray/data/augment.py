@@ -67,6 +67,11 @@ NO_OVERLAP = -2.0
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
+#: The most pixels a resize here may produce (8192 x 8192). Crops are bounded by their configured
+#: size; a shorter-side resize is bounded by this, because its longer side grows with the aspect
+#: ratio: a 1 x 65535 image resized to a shorter side of 256 would be 256 x 16.7M (12 GiB).
+MAX_RESIZE_PIXELS = 8192 * 8192
+
 
 # -- decoding ---------------------------------------------------------------------------------
 
@@ -585,7 +590,7 @@ def _nearest_crop(array: np.ndarray, box: CropBox, size: int) -> np.ndarray:
     return array[rows[:, None], cols[None, :]]
 
 
-def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+def resize_shorter_side(image: np.ndarray, size: int, *, max_pixels: int = MAX_RESIZE_PIXELS) -> np.ndarray:
     """Bilinear resize so the shorter side is ``size``, keeping the aspect ratio.
 
     Same output size as torchvision ``Resize(size)``: the longer side becomes
@@ -594,12 +599,20 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
     Args:
         image: uint8 (H, W, 3) or (H, W), or float32 (H, W).
         size: target shorter side.
+        max_pixels: the largest output allowed (H x W).
+
+    Raises:
+        ValueError: if the output would have more than ``max_pixels`` pixels (an extreme aspect
+            ratio; ``lussray prepare`` skips such images, see ``dataset.max_aspect``).
     """
     height, width = image.shape[:2]
     if height <= width:
         new_height, new_width = size, int(size * width / height)
     else:
         new_height, new_width = int(size * height / width), size
+    if new_height * new_width > max_pixels:
+        raise ValueError(f"resizing a {height}x{width} image to a shorter side of {size} gives {new_height}x{new_width}"
+                         f" = {new_height * new_width} pixels, more than {max_pixels}")
     if (new_height, new_width) == (height, width):
         return image.copy()
     return _to_numpy(_to_pil(image).resize((new_width, new_height), Image.Resampling.BILINEAR))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,34 @@ MAX_ENCODABLE_ID = 256 * 256 - 1
 
 SPLITS = ("train", "train-semi", "validation", "test")
 IMAGE_EXTENSIONS = (".JPEG", ".jpeg", ".jpg", ".JPG", ".png", ".PNG")
+
+
+#: One component of a sample key: letters, digits, '_' and '-' (no '.', which starts a webdataset
+#: member suffix, so no '..' either; no '/', '\\' or NUL).
+_KEY_COMPONENT = re.compile(r"[A-Za-z0-9_-]{1,200}")
+
+
+def check_sample_key(key: str) -> str:
+    """Return ``key`` if it is a safe sample key, else raise naming what is wrong with it.
+
+    A safe key has the official shape ``<wnid>/<name>`` (or a bare ``<name>``): at most one
+    ``/`` and components of :data:`_KEY_COMPONENT`. Keys come from shards, which may be
+    untrusted, and become output paths (predictions, pseudo-label PNGs), so this rules out a
+    leading ``/``, ``..``, backslashes and NUL bytes by construction.
+
+    Raises:
+        ValueError: with the reason, e.g. ``sample key '../x': component '..' ...``.
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"sample key {key!r} is not a string")
+    parts = key.split("/")
+    if len(parts) > 2:
+        raise ValueError(f"sample key {key!r} has more than one '/' (expected '<wnid>/<name>')")
+    for part in parts:
+        if not _KEY_COMPONENT.fullmatch(part):
+            what = "an empty component" if not part else f"component {part!r}"
+            raise ValueError(f"sample key {key!r} has {what}: components are 1-200 of A-Z a-z 0-9 _ -")
+    return key
 
 
 def segmentation_dir(split: str) -> str:

@@ -28,9 +28,10 @@ import numpy as np
 
 from lussray import storage
 from lussray.data import augment
-from lussray.data.imagenet_s import label_from_png_bytes
+from lussray.data.imagenet_s import check_sample_key, label_from_png_bytes
 from lussray.data.shards import shard_paths
 from lussray.errors import UserError
+from lussray.stages.ray_cluster import init_ray  # noqa: F401 - re-exported: the stages import it from here
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,24 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 # -- Ray Data pipelines ------------------------------------------------------------------------
 
 
+def checked_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """The webdataset ``decoder`` of :func:`read_split`: refuses a sample whose key is unsafe.
+
+    Runs in the read tasks, before any key reaches a stage, as :func:`lussray.data.shards.iter_tar`
+    does on the driver; the error names the shard (``__url__``) and the key.
+
+    Raises:
+        UserError: naming the shard and the key.
+    """
+    try:
+        check_sample_key(sample["__key__"])
+    except ValueError as error:
+        raise UserError(f"shard {sample.get('__url__', '?')}: {error}; refusing the shard (not written by lussray)") from None
+    return sample
+
+
 def read_split(data: str, split: str, *, shuffle_files: bool = False, members: tuple[str, ...] | None = None):
-    """The raw samples of one split (``__key__`` plus one bytes column per member)."""
+    """The raw samples of one split (``__key__`` plus one bytes column per member), keys checked."""
     import ray.data
 
     paths = shard_paths(data, split)
@@ -123,7 +140,7 @@ def read_split(data: str, split: str, *, shuffle_files: bool = False, members: t
     return ray.data.read_webdataset(
         paths,
         filesystem=filesystem,
-        decoder=None,
+        decoder=checked_sample,
         suffixes=list(members) if members else None,
         file_extensions=["tar"],
         shuffle="files" if shuffle_files else None,
@@ -169,26 +186,6 @@ def evaluation_images(data: str, split: str, ingest: Any):
     )
 
 
-def init_ray(ray_config: Any) -> None:
-    """Join the configured (or running) Ray cluster, else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = ray_config.address or os.environ.get("RAY_ADDRESS")
-    if address == "local":  # always a fresh local cluster, even when another one is running
-        ray.init(address="local", num_cpus=ray_config.num_cpus, include_dashboard=False)
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        log.info("joined the running Ray cluster")
-    except ConnectionError:
-        ray.init(num_cpus=ray_config.num_cpus, include_dashboard=False, log_to_driver=True)
-
-
 # -- `lussray peek` ----------------------------------------------------------------------------
 
 PIPELINES = ("multicrop", "pairs", "eval")
@@ -216,6 +213,7 @@ def run(args: argparse.Namespace, config: Any) -> int:
     """Stream a few batches of one pipeline and print what arrived."""
     if not args.data:
         raise UserError("--data DIR (the shards folder of `lussray prepare`) is required")
+    shard_paths(args.data, args.split)  # a missing or damaged manifest is named before Ray starts
     init_ray(config.ray)
     if args.pipeline == "multicrop":
         dataset = multicrop_views(args.data, args.split, config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)

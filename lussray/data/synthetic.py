@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -395,6 +395,20 @@ def ignore_band(label: np.ndarray) -> np.ndarray:
     return band
 
 
+def sensor_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The float (H, W, 3) image in [0, 1] as uint8 with sensor-like noise (``image`` is overwritten).
+
+    The noise is shared by the three channels (one draw per pixel is cheaper).
+    """
+    height, width = image.shape[:2]
+    noise = rng.standard_normal((height, width), dtype=np.float32)
+    noise *= np.float32(255.0 * rng.uniform(0.005, 0.025))
+    noise += np.float32(0.5)
+    image *= np.float32(255.0)
+    image += noise[..., None]
+    return np.clip(image, 0, 255, out=image).astype(np.uint8)
+
+
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
@@ -465,13 +479,7 @@ def render_sample(seed: int, split: str, class_index: int, index: int, *, classe
                 label[mask] = other + 1
                 break
 
-    # Sensor-like noise, shared by the three channels (one draw per pixel is cheaper).
-    noise = rng.standard_normal((height, width), dtype=np.float32)
-    noise *= np.float32(255.0 * rng.uniform(0.005, 0.025))
-    noise += np.float32(0.5)
-    image *= np.float32(255.0)
-    image += noise[..., None]
-    pixels = np.clip(image, 0, 255, out=image).astype(np.uint8)
+    pixels = sensor_noise(image, rng)
 
     if ignore:
         raw = label
@@ -628,8 +636,12 @@ def read_manifest(out: str | os.PathLike) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def existing_manifest(out: str | os.PathLike, arguments: SynthArguments) -> dict | None:
+def existing_manifest(out: str | os.PathLike, arguments: "SynthArguments | Any",
+                      generator: str = "lussray.data.synthetic", version: int = GENERATOR_VERSION) -> dict | None:
     """The manifest of a complete earlier run with the same arguments, or None if ``out`` is new.
+
+    ``arguments`` has a ``to_json()``; ``generator`` and ``version`` name the generator that
+    wrote the folder (the scene generator passes its own).
 
     Raises:
         UserError: if ``out`` is a file, or a non-empty folder that is not such a run.
@@ -647,12 +659,53 @@ def existing_manifest(out: str | os.PathLike, arguments: SynthArguments) -> dict
             f"{out} is not empty and holds no complete {MANIFEST_NAME} (an interrupted run or other files); "
             "choose a new folder for --out, or delete this one"
         )
-    if manifest.get("generator_version") != GENERATOR_VERSION or manifest.get("arguments") != arguments.to_json():
+    if (manifest.get("generator", generator) != generator or manifest.get("generator_version") != version
+            or manifest.get("arguments") != arguments.to_json()):
         raise UserError(
             f"{out} holds a synthetic dataset generated with other arguments ({manifest.get('arguments')}, "
-            f"generator version {manifest.get('generator_version')}); choose a new folder for --out"
+            f"generator {manifest.get('generator')} version {manifest.get('generator_version')}); "
+            "choose a new folder for --out"
         )
     return manifest
+
+
+def run_chunks(render: Callable[[Any], int], make_chunks: Callable[[int], list], total: int, workers: int,
+               log: Callable[[str], None] | None) -> None:
+    """Render ``total`` images cut into chunks, in ``workers`` processes, logging progress every 10 %.
+
+    Args:
+        render: a module-level function (it is pickled) that writes one chunk and returns its image count.
+        make_chunks: the chunks for a chunk size (the size only balances the work; files never depend on it).
+        total: the number of images.
+        workers: processes; 1 renders in this process.
+        log: receives the progress lines.
+    """
+    chunk_size = int(max(4, min(256, -(-total // (workers * 20)))))
+    chunks = make_chunks(chunk_size)
+    started, done, next_report = time.perf_counter(), 0, 1
+
+    def report(count: int) -> None:
+        nonlocal done, next_report
+        done += count
+        if log and total and (done * 10 >= next_report * total):
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            log(f"synth: {done}/{total} images ({rate:.0f} img/s)")
+            next_report = done * 10 // total + 1
+
+    if workers == 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            report(render(chunk))
+    else:
+        # spawn: safe with threads in the parent and identical on every platform.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(processes=min(workers, len(chunks))) as pool:
+            for count in pool.imap_unordered(render, chunks, chunksize=1):
+                report(count)
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Write ``synth.json`` (last: its ``complete`` marks the folder as done)."""
+    _write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def default_workers() -> int:
@@ -705,27 +758,7 @@ def generate_dataset(
     _write_atomic(out / CATEGORY_FILE, "\n".join(sorted(wnids)).encode())
 
     total = classes * (train_per_class + val_per_class + test_per_class)
-    chunk_size = int(max(4, min(256, -(-total // (workers * 20)))))
-    chunks = _chunks(out, arguments, chunk_size)
-    started, done, next_report = time.perf_counter(), 0, 1
-
-    def report(count: int) -> None:
-        nonlocal done, next_report
-        done += count
-        if log and total and (done * 10 >= next_report * total):
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            log(f"synth: {done}/{total} images ({rate:.0f} img/s)")
-            next_report = done * 10 // total + 1
-
-    if workers == 1 or len(chunks) <= 1:
-        for chunk in chunks:
-            report(_generate_chunk(chunk))
-    else:
-        # spawn: safe with threads in the parent and identical on every platform.
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(processes=min(workers, len(chunks))) as pool:
-            for count in pool.imap_unordered(_generate_chunk, chunks, chunksize=1):
-                report(count)
+    run_chunks(_generate_chunk, lambda size: _chunks(out, arguments, size), total, workers, log)
 
     manifest = {
         "generator": "lussray.data.synthetic",
@@ -735,5 +768,5 @@ def generate_dataset(
         "categories": CATEGORY_FILE,
         "complete": True,
     }
-    _write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_manifest(out, manifest)
     return manifest

@@ -1,4 +1,4 @@
-"""``lussray evaluate``: score predictions exactly as the official ImageNet-S evaluator.
+"""``lussray evaluate``: score predictions exactly as the official ImageNet-S evaluator, or by the pixel protocol.
 
 Run::
 
@@ -6,6 +6,7 @@ Run::
         --dataset imagenet-s919 --hungarian            # or --match FILE; neither: ids are GT ids
     lussray evaluate --pred DIR --gt DIR --classes 50 --list ImageNetS_im50_validation.txt
     lussray evaluate --pred DIR --gt DIR --classes 50 --sweep 0:0.8:0.01   # tau curve, <name>.npy scores
+    lussray evaluate --protocol pixel --pred DIR --gt DIR --classes 27 --clusters 27 [--match identity]
 
 It prints a table like the papers' (mIoU, b-mIoU, Img-Acc, F, mIoU per object size S/MS/ML/L and
 their boundary versions) and writes ``metrics.json`` (plus ``match.json`` with ``--hungarian``)
@@ -15,6 +16,14 @@ Metric definitions: :mod:`lussray.eval.metrics`; matching: :mod:`lussray.eval.ma
 facts: shared/reference/pass-imagenet-s.md, section 3. Bad input (missing predictions,
 predictions of another size than the ground truth, ids outside 0..N) ends with exit code 2 and a
 message that counts the files and names the first ones.
+
+``--protocol pixel`` is the scene-centric protocol of PiCIE, STEGO and HP (one pixel-level
+Hungarian matching over the split, pixel accuracy, mIoU; :mod:`lussray.eval.pixel`): ground truth
+0..C-1 and 1000 = ignore, predictions cluster ids 0..K-1 (``--clusters K``, default C), or class
+ids with ``--match identity``; things/stuff means with ``--things IDS`` (default: the preset's
+``dataset.thing_classes``, 0-11 for ``--dataset cocostuff27``). ``--protocol`` defaults to the
+preset's ``dataset.protocol``, so ImageNet-S stays the default. Its metrics.json holds mIoU and
+Acc (pixel accuracy) in percent, the per-class IoU, the matching and the confusion matrix.
 
 This module is pure: no Ray, no torch.
 """
@@ -32,6 +41,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lussray.data.imagenet_s import IGNORE_ID
 from lussray.errors import UserError
 from lussray.eval.io import (
     MATCH_FILE,
@@ -45,12 +55,22 @@ from lussray.eval.io import (
 )
 from lussray.eval.matching import cooccurrence, hungarian_mapping
 from lussray.eval.metrics import Metrics, compute_metrics
+from lussray.eval.pixel import (
+    MATCH_MODES,
+    evaluate_pixel_items,
+    format_pixel_per_class,
+    format_pixel_table,
+    list_pixel_items,
+    parse_class_ids,
+    things_stuff,
+)
 from lussray.eval.runner import accumulate
 from lussray.eval.stats import BUCKET_NAMES, StatsAccumulator
 from lussray.eval.sweep import SweepResult, parse_taus, sweep_folders
 
 METRICS_FILE = "metrics.json"
 HUNGARIAN = "hungarian"
+PROTOCOLS = ("imagenet-s", "pixel")
 
 
 @dataclass
@@ -150,11 +170,25 @@ def format_per_class(metrics: Metrics, names: Sequence[str] | None = None) -> st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lussray evaluate`` (the common flags are added by the CLI)."""
     parser.add_argument(
-        "--pred", required=True, metavar="DIR", help="predictions: DIR/<wnid>/<name>.png (official codec)"
+        "--protocol", choices=PROTOCOLS,
+        help="imagenet-s: the official evaluator; pixel: one pixel-level matching over the split, pixel "
+        "accuracy and mIoU (COCO-Stuff-27, Cityscapes-27); default: the preset's dataset.protocol "
+        "(imagenet-s unless a scene-centric --dataset)",
     )
-    parser.add_argument("--gt", required=True, metavar="DIR", help="ground truth: the <split>-segmentation folder")
+    parser.add_argument(
+        "--pred", required=True, metavar="DIR",
+        help="predictions: DIR/<wnid>/<name>.png (official codec); pixel: the ground truth's relative paths",
+    )
+    parser.add_argument(
+        "--gt", required=True, metavar="DIR",
+        help="ground truth: the <split>-segmentation folder; pixel: any tree of label PNGs (0..C-1, 1000 ignore)",
+    )
     matching = parser.add_mutually_exclusive_group()
-    matching.add_argument("--match", metavar="FILE", help="match.json mapping generated ids to ground-truth ids")
+    matching.add_argument(
+        "--match", metavar="FILE|MODE",
+        help="imagenet-s: match.json mapping generated ids to ground-truth ids; "
+        f"pixel: {' or '.join(MATCH_MODES)} (default hungarian; identity for predictions in class ids)",
+    )
     matching.add_argument(
         "--hungarian", action="store_true",
         help="compute the image-level Hungarian matching (written to OUT/match.json)",
@@ -166,6 +200,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--classes", type=int, metavar="N", help="number of categories N (default: dataset.num_classes)"
+    )
+    parser.add_argument(
+        "--clusters", type=int, metavar="K", help="pixel: prediction ids are clusters 0..K-1 (default: --classes)"
+    )
+    parser.add_argument(
+        "--things", metavar="IDS",
+        help="pixel: the 'thing' class ids, e.g. 0-11 (the others are 'stuff'); reports both means "
+        "(default: 0..dataset.thing_classes-1 of the preset, e.g. 0-11 for --dataset cocostuff27)",
     )
     parser.add_argument("--list", metavar="FILE", help="image list (official names file or <wnid>/<name> per line)")
     parser.add_argument("--workers", type=int, metavar="W", help="worker processes (default: one per core)")
@@ -194,6 +236,12 @@ def run(args: argparse.Namespace, config: Any) -> int:
     num_classes = args.classes if args.classes is not None else config.dataset.num_classes
     if num_classes < 1:
         raise UserError(f"--classes must be >= 1, got {num_classes}")
+    protocol = getattr(args, "protocol", None) or getattr(config.dataset, "protocol", "imagenet-s")
+    if protocol == "pixel":
+        return run_pixel(args, num_classes, thing_classes=getattr(config.dataset, "thing_classes", 0))
+    for flag in ("clusters", "things"):
+        if getattr(args, flag, None) is not None:
+            raise UserError(f"--{flag} belongs to --protocol pixel")
     keys = read_name_list(args.list) if args.list else None
     items = list_items(args.gt, args.pred, keys)
     out = _out_dir(args)
@@ -250,6 +298,61 @@ def run(args: argparse.Namespace, config: Any) -> int:
     info["seconds"] = round(evaluation.seconds, 3)
     _write_json(out / METRICS_FILE, {**info, **evaluation.metrics.to_dict()})
     print(f"wrote {out / METRICS_FILE} ({len(items)} images in {evaluation.seconds:.1f} s)")
+    return 0
+
+
+def run_pixel(args: argparse.Namespace, num_classes: int, thing_classes: int = 0) -> int:
+    """``--protocol pixel``: evaluate, print the table, write metrics.json; return the exit code.
+
+    Args:
+        args: the parsed flags.
+        num_classes: C.
+        thing_classes: T from the preset: classes 0..T-1 are things, the others stuff (0: no
+            groups, unless ``--things``).
+
+    Raises:
+        UserError: for bad input or flags of the other protocol.
+    """
+    for flag, name in (("hungarian", "--hungarian"), ("sweep", "--sweep"), ("list", "--list")):
+        if getattr(args, flag) not in (None, False):
+            raise UserError(f"{name} belongs to --protocol imagenet-s (pixel: --match {'|'.join(MATCH_MODES)})")
+    match = args.match or MATCH_MODES[0]
+    if match not in MATCH_MODES:
+        raise UserError(f"--protocol pixel: --match must be one of {', '.join(MATCH_MODES)}, got {match!r}")
+    if num_classes > IGNORE_ID:
+        raise UserError(f"--protocol pixel: --classes must be at most {IGNORE_ID} (the ignore id), got {num_classes}")
+    num_clusters = args.clusters if args.clusters is not None else num_classes
+    if num_clusters < 1:
+        raise UserError(f"--clusters must be >= 1, got {num_clusters}")
+    if args.things is not None:
+        groups = things_stuff(parse_class_ids(args.things, num_classes), num_classes)
+    elif 0 < thing_classes < num_classes:
+        groups = things_stuff(range(thing_classes), num_classes)
+    else:
+        groups = None
+    items = list_pixel_items(args.gt, args.pred)
+    out = _out_dir(args)
+    print(f"lussray evaluate --protocol pixel: {len(items)} images, C = {num_classes} classes, "
+          f"K = {num_clusters} clusters, matching {match}, predictions {args.pred}")
+    evaluation = evaluate_pixel_items(items, num_classes=num_classes, num_clusters=num_clusters, match=match,
+                                      groups=groups, workers=args.workers)
+    metrics = evaluation.metrics
+    print(format_pixel_table(metrics))
+    if args.per_class:
+        print(format_pixel_per_class(metrics))
+    info = {
+        "protocol": "pixel",
+        "pred": str(args.pred),
+        "gt": str(args.gt),
+        "num_classes": num_classes,
+        "num_clusters": num_clusters,
+        "matching": match,
+        "groups": {name: list(ids) for name, ids in (groups or {}).items()},
+        "seconds": round(evaluation.seconds, 3),
+    }
+    _write_json(out / METRICS_FILE, {**info, **metrics.to_dict()})
+    print(f"wrote {out / METRICS_FILE} ({len(items)} images, {metrics.labelled_pixels} labelled pixels "
+          f"in {evaluation.seconds:.1f} s)")
     return 0
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from lussray.data.imagenet_s import MAX_ENCODABLE_ID, OTHER_ID, label_to_png_bytes
 from lussray.errors import UserError
-from lussray.storage import write_bytes_atomic
+from lussray.storage import join_under, write_bytes_atomic
 
 PNG_SUFFIX = ".png"
 FOREGROUND_SUFFIX = ".npy"
@@ -99,11 +99,16 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def prediction_path(root: str | os.PathLike, key: str) -> Path:
-    """``<root>/<wnid>/<name>.png`` for the sample key ``<wnid>/<name>``."""
+    """``<root>/<wnid>/<name>.png`` for the sample key ``<wnid>/<name>``.
+
+    Raises:
+        ValueError: if ``key`` is not of the shape ``<wnid>/<name>``.
+        UserError: if the path would leave ``root`` (a key with ``..``, a leading ``/``, ...).
+    """
     wnid, _, name = key.partition("/")
     if not wnid or not name or "/" in name:
         raise ValueError(f"sample key must be '<wnid>/<name>', got {key!r}")
-    return Path(root) / wnid / f"{name}{PNG_SUFFIX}"
+    return Path(join_under(str(root), f"{wnid}/{name}{PNG_SUFFIX}"))
 
 
 def write_prediction(root: str | os.PathLike, key: str, label: np.ndarray) -> Path:

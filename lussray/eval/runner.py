@@ -16,14 +16,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from lussray.errors import UserError
 from lussray.eval.io import EvalItem, read_foreground, read_label
 from lussray.eval.parallel import default_workers, ordered_map
-from lussray.eval.stats import ImageStats, LabelError, StatsAccumulator, image_stats
+
+if TYPE_CHECKING:
+    from lussray.eval.stats import ImageStats, StatsAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ _KIND_TEXT = {
     "gt_ids": "are ground truths with ids outside 0..N and 1000",
     "unmatched": "use ids that the match file does not map",
     "unreadable": "cannot be read",
+    "cluster_ids": "hold ids outside the clusters 0..K-1 (check --clusters, or --classes with --match identity)",
+    "class_ids": "are ground truths with ids outside the classes 0..C-1 and 1000 (check --classes)",
 }
 
 
@@ -54,6 +58,9 @@ def item_stats(
     taus: np.ndarray | None = None,
 ) -> ImageStats | ItemError:
     """Read one image's files and compute its statistics (runs in a worker process)."""
+    # Imported here: the pixel protocol's workers share this module but not stats (scipy.ndimage).
+    from lussray.eval.stats import LabelError, image_stats
+
     try:
         gt = read_label(item.gt_path)
     except UserError as error:
@@ -106,10 +113,36 @@ def accumulate(
         UserError: after the pass, if any file was missing, unreadable, of another size than its
             ground truth, or held ids out of range; the message counts them and names the first.
     """
+    fn = partial(item_stats, num_classes=accumulator.num_classes, mapping=mapping, taus=taus)
+    stream(items, fn, accumulator.add, workers=workers, chunk_size=chunk_size, progress=progress)
+
+
+def stream(
+    items: Sequence[EvalItem],
+    fn: Callable[[EvalItem], Any],
+    add: Callable[[Any], None],
+    *,
+    workers: int | None = None,
+    chunk_size: int = 16,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Run ``fn`` on every item in parallel and pass each result to ``add``, in order.
+
+    The shared pass of the evaluators: ``fn`` (picklable, run in worker processes) returns an
+    image's statistics or an :class:`ItemError`; once an error is seen nothing more is added.
+
+    Args:
+        items: the images.
+        fn: per-image statistics, or an :class:`ItemError`.
+        add: receives every result that is not an error (in the parent process).
+        workers, chunk_size, progress: as in :func:`accumulate`.
+
+    Raises:
+        UserError: after the pass, if any item gave an :class:`ItemError` (counted per kind).
+    """
     workers = default_workers() if workers is None else workers
     if len(items) < 4 * chunk_size:
         workers = 1
-    fn = partial(item_stats, num_classes=accumulator.num_classes, mapping=mapping, taus=taus)
     report = progress or log.info
     errors: dict[str, list[ItemError]] = defaultdict(list)
     started, next_report, total = time.perf_counter(), 1, len(items)
@@ -117,7 +150,7 @@ def accumulate(
         if isinstance(result, ItemError):
             errors[result.kind].append(result)
         elif not errors:
-            accumulator.add(result)
+            add(result)
         if total >= 500 and done * 10 >= next_report * total:
             rate = done / max(time.perf_counter() - started, 1e-9)
             report(f"evaluate: {done}/{total} images ({rate:.0f} images/s)")

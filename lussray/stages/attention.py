@@ -5,7 +5,9 @@
 Starts from the latest ``<run>/pretrain`` checkpoint (or ``--init``), trains only the pixel
 attention and the prototypes with the SwAV loss of stage 1 on attention-pooled embeddings
 (:class:`~lussray.models.pass_model.PixelAttentionModel`), and checkpoints to
-``<run>/attention/checkpoint_step=<N>/checkpoint.pt``; a rerun resumes from the latest one.
+``<run>/attention/checkpoint_step=<N>/checkpoint.pt``; a rerun resumes from the latest one when it
+was made with the same inputs (``<run>/attention/inputs.json``: config, data, stage-1 checkpoint),
+and is refused otherwise (``--overwrite`` retrains).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lussray import storage
+from lussray.completion import FORMAT_VERSION, checkpoint_fingerprint, config_fingerprint, data_fingerprint
 from lussray.config import LussConfig, to_dict
 from lussray.data.shards import read_manifest
 from lussray.errors import UserError
@@ -77,19 +80,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stage-1 checkpoint to start from (default: the latest under <run>/pretrain)")
 
 
+#: The stage-1 settings the attention model and its SwAV loss are built from.
+STAGE1_KEYS = tuple(f"pretrain.{key}" for key in (
+    "arch", "hidden_mlp", "feat_dim", "num_prototypes", "temperature", "sinkhorn_epsilon", "sinkhorn_iterations"))
+
+
+def fingerprint(config: LussConfig, data: str, run: str, init_checkpoint: str) -> dict:
+    """What determines the stage's checkpoints (:mod:`lussray.completion`): config, data, stage-1 checkpoint."""
+    return {"format": FORMAT_VERSION, **config_fingerprint(config, *STAGE1_KEYS, "attention"),
+            "data": data_fingerprint(data, ["train"]), "init": checkpoint_fingerprint(init_checkpoint, run)}
+
+
 def run(args: argparse.Namespace, config: LussConfig) -> int:
-    """Train pixel attention on ``--data`` into ``--run`` (resuming when it holds a checkpoint)."""
+    """Train pixel attention on ``--data`` into ``--run`` (resuming when it holds a checkpoint of the same inputs)."""
     from lussray.data.ingest import init_ray, multicrop_views
-    from lussray.stages.loop import completed_checkpoint, fit
+    from lussray.stages.loop import fit, run_training
 
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
     data, run_root = (storage.absolute(path) for path in (args.data, args.run))
-    init = stage1_checkpoint(run_root, args.init)
+    init = stage1_checkpoint(run_root, storage.absolute(args.init) if args.init else None)
     spec = build_spec(config, data, run_root, init, max_steps=args.max_steps)
-    if completed_checkpoint(spec):
-        return 0
-    init_ray(config.ray)
-    dataset = multicrop_views(data, "train", config.attention.crops, config.pretrain.p2p_grid_size, config.ingest)
-    fit(spec, dataset, config.attention.loop, config.ingest, run_root)
+
+    def start() -> None:
+        init_ray(config.ray)
+        dataset = multicrop_views(data, "train", config.attention.crops, config.pretrain.p2p_grid_size,
+                                  config.ingest)
+        fit(spec, dataset, config.attention.loop, config.ingest, run_root)
+
+    run_training(spec, fingerprint(config, data, run_root, init), overwrite=args.overwrite, start=start)
     return 0

@@ -18,6 +18,9 @@ PASS, SwAV; default: the latest ``<run>/pretrain`` checkpoint; ``random``: no pr
    which always applies the image-level Hungarian matching, so the headline numbers here do too
    (``match.json`` is written); the numbers without matching (the kNN labels are ground-truth ids
    already) are reported beside them. ``<out>/summary.json`` is written last.
+
+``<out>/inputs.json`` records the inputs (backbone checkpoint, data, ``distmatch`` settings): a
+rerun with the same ones is skipped, other ones are refused (``--overwrite`` predicts again).
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ from typing import Any
 import numpy as np
 
 from lussray import storage
+from lussray.completion import (
+    FORMAT_VERSION,
+    NOT_OUTPUT_KEYS,
+    StageRecord,
+    checkpoint_fingerprint,
+    config_fingerprint,
+    data_fingerprint,
+    has_files,
+)
 from lussray.config import LussConfig
 from lussray.errors import UserError
 from lussray.stages import finetune, predict
@@ -187,9 +199,28 @@ def instance_bank(config: LussConfig, data: str, feature_factory: Any, feature_k
     return embeddings, labels, images
 
 
+def fingerprint(config: LussConfig, data: str, split: str, feature_factory: Any, feature_kwargs: dict[str, Any],
+                inputs: dict[str, Any] | None) -> dict[str, Any]:
+    """What determines a distance-matching folder (:mod:`lussray.completion`).
+
+    The ``distmatch`` settings, ``ingest.eval_short_side``, N, the manifests of train-semi and
+    ``split``, the feature source and its arguments (a checkpoint goes in ``inputs``, by
+    :func:`~lussray.completion.checkpoint_fingerprint`).
+    """
+    features = {key: value for key, value in feature_kwargs.items() if key not in NOT_OUTPUT_KEYS | {"checkpoint"}}
+    return {"format": FORMAT_VERSION,
+            **config_fingerprint(config, "distmatch", "ingest.eval_short_side", "dataset.num_classes"),
+            "split": split, "data": data_fingerprint(data, ["train-semi", split]),
+            "features": {"source": feature_factory.__name__, **features}, **(inputs or {})}
+
+
 def distance_matching(config: LussConfig, data: str, split: str, out: str, feature_factory: Any,
-                      feature_kwargs: dict[str, Any], *, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+                      feature_kwargs: dict[str, Any], *, inputs: dict[str, Any] | None = None,
+                      overwrite: bool = False) -> dict[str, Any]:
     """The whole protocol for one split; returns the summary (also ``<out>/summary.json``).
+
+    ``<out>/inputs.json`` records the inputs (:func:`fingerprint`): a rerun with the same ones
+    returns the summary at once, other ones are refused unless ``overwrite``.
 
     Args:
         config: the resolved config (``distmatch`` section, ingest, ``dataset.num_classes``).
@@ -198,8 +229,26 @@ def distance_matching(config: LussConfig, data: str, split: str, out: str, featu
         out: prediction folder.
         feature_factory: a feature source class (:class:`BackboneFeatures`, :class:`OracleFeatures`).
         feature_kwargs: its constructor arguments.
-        inputs: extra entries recorded in the summary.
+        inputs: extra entries of the inputs record (the backbone checkpoint).
+        overwrite: remove outputs of other inputs and predict again instead of refusing.
+
+    Raises:
+        UserError: if ``out`` holds predictions of other inputs (and not ``overwrite``).
     """
+    record = StageRecord(out, fingerprint(config, data, split, feature_factory, feature_kwargs, inputs), STAGE,
+                         extra_outputs=[predict.submission_path(out)])
+    record.check(overwrite)
+    summary_path = storage.join(out, predict.SUMMARY_FILE)
+    if storage.exists(summary_path) and record.recorded() is not None:
+        print(f"[{STAGE}] {split}: complete, {summary_path}", flush=True)
+        return storage.read_json(summary_path)
+    storage.makedirs(out)
+    with record.recording(produced=lambda: has_files(out, ".png") or storage.exists(summary_path)):
+        return _distance_matching(config, data, split, out, feature_factory, feature_kwargs, record.fingerprint)
+
+
+def _distance_matching(config: LussConfig, data: str, split: str, out: str, feature_factory: Any,
+                       feature_kwargs: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from lussray.eval.io import write_match
@@ -214,9 +263,9 @@ def distance_matching(config: LussConfig, data: str, split: str, out: str, featu
                         "num_labels": num_classes + 1, "k": cfg.k, "temperature": cfg.temperature}
     result = predict.predict_split(config, data, split, out, KnnPredictor, predictor_kwargs, pool=cfg,
                                    evaluate=True, stage=STAGE)
+    predict.write_keys(out, result.keys)
     summary: dict[str, Any] = {
-        "inputs": {"split": split, "data": data, "k": cfg.k, "temperature": cfg.temperature, **(inputs or {})},
-        "num_instances": len(labels), "num_images": len(result.keys),
+        "inputs": inputs, "num_instances": len(labels), "num_images": len(result.keys),
         "seconds": round(time.perf_counter() - started, 1),
     }
     if result.accumulator is not None and result.accumulator.num_images:
@@ -279,10 +328,11 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
                       "upsample": config.distmatch.feature_upsample, "torch_threads": config.distmatch.torch_threads}
     print(f"[{STAGE}] backbone: {checkpoint or 'random initialisation'} ({config.pretrain.arch})", flush=True)
     distance_matching(config, data, args.split, out, BackboneFeatures, feature_kwargs,
-                      inputs={"checkpoint": checkpoint or RANDOM_BACKBONE})
+                      inputs={"checkpoint": checkpoint_fingerprint(checkpoint, run_root) or RANDOM_BACKBONE},
+                      overwrite=args.overwrite)
     if args.submission:
         method = f"lussray distance matching (k={config.distmatch.k}, T={config.distmatch.temperature}), " \
                  f"backbone {checkpoint or 'random'} ({config.pretrain.arch})"
-        keys = predict.prediction_keys(out)
+        keys = predict.written_keys(out)
         print(f"[{STAGE}] submission: {predict.package_submission(out, keys, method)}", flush=True)
     return 0

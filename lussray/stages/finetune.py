@@ -13,8 +13,10 @@ joint RandomResizedCrop + flip of :func:`lussray.data.ingest.segmentation_pairs`
 augmentation; LARS with the per-step cosine schedule, as stage 1.
 
 Checkpoints go to ``<run>/finetune/checkpoint_step=<N>/checkpoint.pt`` (the model-shape arguments
-are recorded as ``config["segmenter"]``); a rerun resumes from the latest one and returns at once
-when training is complete. ``--max-steps N`` stops after N steps.
+are recorded as ``config["segmenter"]``); a rerun with the same inputs (``<run>/finetune/inputs.json``:
+config, pseudo-label manifest, backbone checkpoint) resumes from the latest one and returns at once
+when training is complete; other inputs are refused (``--overwrite`` retrains). ``--max-steps N``
+stops after N steps.
 
 The semi-supervised protocol (:mod:`lussray.stages.semisup`) trains the same method on ground
 truth through :func:`train_segmenter`.
@@ -30,20 +32,14 @@ import torch
 from torch import nn
 
 from lussray import storage
+from lussray.completion import FORMAT_VERSION, checkpoint_fingerprint, config_fingerprint, data_fingerprint
 from lussray.config import LussConfig, TrainLoopConfig, to_dict
 from lussray.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lussray.data.shards import MANIFEST, read_manifest
 from lussray.errors import UserError
 from lussray.models.checkpoints import load_pretrained
 from lussray.models.segmenter import Segmenter, segmentation_loss
-from lussray.stages.loop import (
-    LoopSpec,
-    StepState,
-    completed_checkpoint,
-    lars_cosine_spec,
-    latest_checkpoint,
-    steps_per_epoch,
-)
+from lussray.stages.loop import LoopSpec, StepState, lars_cosine_spec, steps_per_epoch
 from lussray.stages.pretrain import normalize_views
 
 STAGE = "finetune"
@@ -163,31 +159,48 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str | N
                             resolved_config={**to_dict(config), "segmenter": segmenter})
 
 
+def fingerprint(config: LussConfig, data: str, run: str, init_checkpoint: str | None, *, num_outputs: int,
+                stage: str, split: str, ingest: Any, ignore_index: int | None) -> dict:
+    """What determines a segmentation stage's checkpoints (:mod:`lussray.completion`).
+
+    The stage's config section (``finetune`` or ``semisup``, with its loop), the backbone
+    architecture, the pair pipeline's crop settings, K + 1, the labels' manifest and the
+    backbone's checkpoint (``init`` None: random).
+    """
+    crops = {"ingest": {"finetune_crop_size": ingest.finetune_crop_size,
+                        "finetune_min_scale": ingest.finetune_min_scale}}
+    return {"format": FORMAT_VERSION, **config_fingerprint(config, stage, "pretrain.arch"), **crops,
+            "num_outputs": num_outputs, "ignore_index": ignore_index, "split": split,
+            "data": data_fingerprint(data, [split]), "init": checkpoint_fingerprint(init_checkpoint, run)}
+
+
 def train_segmenter(config: LussConfig, data: str, run: str, init_checkpoint: str | None, *, num_outputs: int,
                     ingest: Any = None, max_steps: int | None = None, stage: str = STAGE, split: str = "train",
-                    loop: TrainLoopConfig | None = None, ignore_index: int | None = None) -> str:
+                    loop: TrainLoopConfig | None = None, ignore_index: int | None = None,
+                    overwrite: bool = False) -> str:
     """Fine-tune (or resume, or skip when complete) and return the latest checkpoint.
 
     Args:
         ingest: The ingest settings of the pair pipeline (default ``config.ingest``).
+        overwrite: Retrain when ``<run>/<stage>`` holds checkpoints of other inputs (default: refuse).
         Others: as :func:`build_spec`.
     """
     from lussray.data.ingest import init_ray, segmentation_pairs
-    from lussray.stages.loop import fit
+    from lussray.stages.loop import fit, run_training
 
+    ingest = ingest or config.ingest
     spec = build_spec(config, data, run, init_checkpoint, num_outputs=num_outputs, max_steps=max_steps,
                       stage=stage, split=split, loop=loop, ignore_index=ignore_index)
-    done = completed_checkpoint(spec)
-    if done:
-        return done
-    init_ray(config.ray)
-    # The workers take tensors only: the string ``key`` column would break ``iter_torch_batches``.
-    dataset = segmentation_pairs(data, split, ingest or config.ingest).select_columns(["image", "label"])
-    fit(spec, dataset, loop or config.finetune.loop, ingest or config.ingest, run)
-    latest = latest_checkpoint(spec.run_dir)
-    if latest is None:
-        raise RuntimeError(f"[{stage}] training ended without a checkpoint in {spec.run_dir}")
-    return latest
+
+    def start() -> None:
+        init_ray(config.ray)
+        # The workers take tensors only: the string ``key`` column would break ``iter_torch_batches``.
+        dataset = segmentation_pairs(data, split, ingest).select_columns(["image", "label"])
+        fit(spec, dataset, loop or config.finetune.loop, ingest, run)
+
+    record = fingerprint(config, data, run, init_checkpoint, num_outputs=num_outputs, stage=stage, split=split,
+                         ingest=ingest, ignore_index=ignore_index)
+    return run_training(spec, record, overwrite=overwrite, start=start)
 
 
 def init_checkpoint(run: str, given: str | None) -> str | None:
@@ -233,6 +246,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     k = num_categories(config, data)
     init = init_checkpoint(run_root, args.init)
     check_backbone(init, config.pretrain.arch)
-    checkpoint = train_segmenter(config, data, run_root, init, num_outputs=k + 1, max_steps=args.max_steps)
+    checkpoint = train_segmenter(config, data, run_root, init, num_outputs=k + 1, max_steps=args.max_steps,
+                                 overwrite=args.overwrite)
     print(f"[{STAGE}] checkpoint: {checkpoint}", flush=True)
     return 0

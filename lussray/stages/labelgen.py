@@ -21,6 +21,9 @@ Reads the latest ``<run>/attention`` checkpoint (or ``--checkpoint``) and writes
    metrics at that tau on validation and train-semi where they have ground truth (``metrics``).
 
 Every output is written atomically and a rerun skips what is complete (per shard).
+``inputs.json`` records what the outputs depend on (checkpoint, data manifests, K, tau, score
+scale, ...; :func:`fingerprint`), compared before anything else: a rerun with other inputs is
+refused (``--overwrite`` removes the folder and generates the labels again).
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ from typing import Any
 import numpy as np
 
 from lussray import storage
-from lussray.config import LussConfig
+from lussray.completion import (
+    FORMAT_VERSION,
+    StageRecord,
+    checkpoint_fingerprint,
+    config_fingerprint,
+    data_fingerprint,
+    has_files,
+)
+from lussray.config import LabelgenConfig, LussConfig, flag_type
 from lussray.data.shards import FORMAT_VERSION, MANIFEST, read_manifest, shard_paths
 from lussray.errors import UserError
 
@@ -82,10 +93,6 @@ class Outputs:
     @property
     def png_tree(self) -> str:
         return storage.join(self.root, "png", "train")
-
-    @property
-    def inputs(self) -> str:
-        return storage.join(self.root, "inputs.json")
 
     @property
     def summary(self) -> str:
@@ -245,7 +252,7 @@ class LabelShards(_ModelActor):
                 histogram[:] += label_histogram(labels, num_clusters)
                 png = label_to_png_bytes(labels)
                 if self.png_root:
-                    storage.write_bytes_atomic(storage.join(self.png_root, f"{key}.png"), png)
+                    storage.write_bytes_atomic(storage.join_under(self.png_root, f"{key}.png"), png)
                 yield key, {"jpg": members["jpg"], "seg.png": png, **({"json": members["json"]} if "json" in members else {})}
 
         out = str(job["out"])
@@ -273,15 +280,25 @@ TIMINGS = Timings({})
 
 def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, Any], config: LussConfig,
                what: str) -> Iterator[dict[str, Any]]:
-    """Run ``actor`` over ``jobs`` (one row per shard) on an autoscaling actor pool; yield results."""
+    """Run ``actor`` over ``jobs`` (one row per shard) on an autoscaling actor pool; yield results.
+
+    Raises:
+        UserError: the cluster cannot hold the pool (``labelgen.actor_pool_min``, ``cpus_per_actor``,
+            ``gpus_per_actor``), or an actor failed: one line naming its shard or checkpoint.
+    """
     import ray.data
+
+    from lussray.stages import ray_cluster
 
     if not jobs:
         return
     cfg = config.labelgen
+    ray_cluster.require(ray_cluster.pool_demand(STAGE, cfg, f"{STAGE} {what} actors"), ray_cluster.current_config())
+    guarded = {"factory": actor, "factory_kwargs": actor_kwargs, "unit_column": "shard",
+               "label": str(actor_kwargs.get("checkpoint") or actor.__name__)}
     dataset = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
-        actor,
-        fn_constructor_kwargs=actor_kwargs,
+        ray_cluster.Guarded,
+        fn_constructor_kwargs=guarded,
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.actor_pool_min, max_size=cfg.actor_pool_max),
@@ -289,7 +306,7 @@ def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, 
         num_gpus=cfg.gpus_per_actor,
     )
     started, images = time.perf_counter(), 0
-    for done, row in enumerate(dataset.iter_rows(), start=1):
+    for done, row in enumerate(ray_cluster.checked(dataset.iter_rows(), f"[{STAGE}] {what}"), start=1):
         images += int(row["num_images"])
         TIMINGS.peak_actor_rss_mb = max(TIMINGS.peak_actor_rss_mb, float(row["peak_rss_mb"]))
         elapsed = time.perf_counter() - started
@@ -330,16 +347,23 @@ def attention_checkpoint(run: str, given: str | None) -> str:
     return given_or_latest(given, "--checkpoint", run, ATTENTION_STAGE, "pixel-attention", "lussray attention")
 
 
-def _check_inputs(outputs: Outputs, inputs: dict[str, Any]) -> None:
-    """Refuse to mix outputs of another checkpoint or clustering setup into this folder."""
-    if storage.exists(outputs.inputs):
-        previous = storage.read_json(outputs.inputs)
-        if previous != inputs:
-            changed = sorted(k for k in inputs if previous.get(k) != inputs[k])
-            raise UserError(f"{outputs.root} was produced with other inputs ({', '.join(changed)} differ): "
-                            f"use a new --run folder or delete {outputs.root}")
-    else:
-        storage.write_json_atomic(outputs.inputs, inputs)
+def fingerprint(config: LussConfig, data: str, run: str, checkpoint: str, tau: float | None) -> dict[str, Any]:
+    """What determines ``<run>/labelgen`` (:mod:`lussray.completion`).
+
+    The stage-2 model's shape, the ``labelgen`` settings with the effective K and tau (``--tau``
+    or ``labelgen.tau``; the sweep's settings only when tau is swept), ``ingest.eval_short_side``,
+    N, the manifests of every split it reads, and the pixel-attention checkpoint.
+    """
+    cfg = config.labelgen
+    model = (f"pretrain.{key}" for key in ("arch", "hidden_mlp", "feat_dim", "num_prototypes"))
+    parts = config_fingerprint(config, *model, "labelgen", "ingest.eval_short_side", "dataset.num_classes")
+    parts["labelgen"].update(tau=tau, num_clusters=cfg.num_clusters or config.dataset.num_classes)
+    if tau is not None:  # a fixed tau: no sweep
+        for key in ("tau_split", "tau_min", "tau_max", "tau_step"):
+            parts["labelgen"].pop(key)
+    splits = ["train", *EVALUATED_SPLITS, *([cfg.tau_split] if tau is None else [])]
+    return {"format": FORMAT_VERSION, **parts, "data": data_fingerprint(data, splits),
+            "checkpoint": checkpoint_fingerprint(checkpoint, run)}
 
 
 def embed(config: LussConfig, data: str, outputs: Outputs, actor_args: tuple) -> list[str]:
@@ -472,7 +496,8 @@ def write_pseudo_labels(config: LussConfig, data: str, outputs: Outputs, label_k
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lussray labelgen``."""
     parser.add_argument("--checkpoint", help="pixel-attention checkpoint (default: the latest under <run>/attention)")
-    parser.add_argument("--tau", type=float, help="fixed 'other' threshold (default: labelgen.tau, else a sweep)")
+    parser.add_argument("--tau", type=flag_type(LabelgenConfig, "tau"),
+                        help="fixed 'other' threshold in [0, 1] (default: labelgen.tau, else a sweep)")
 
 
 def run(args: argparse.Namespace, config: LussConfig) -> int:
@@ -484,7 +509,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
     data, run_root = (storage.absolute(path) for path in (args.data, args.run))
     outputs = Outputs(storage.join(run_root, STAGE))
-    checkpoint = attention_checkpoint(run_root, args.checkpoint)
+    checkpoint = attention_checkpoint(run_root, storage.absolute(args.checkpoint) if args.checkpoint else None)
     cfg = config.labelgen
     num_clusters = cfg.num_clusters or config.dataset.num_classes
     tau = args.tau if args.tau is not None else cfg.tau
@@ -493,6 +518,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
                         f"set labelgen.tau")
     if cfg.score_scale not in SCORE_SCALES:
         raise UserError(f"labelgen.score_scale: {cfg.score_scale!r} is not one of {', '.join(SCORE_SCALES)}")
+    record = StageRecord(outputs.root, fingerprint(config, data, run_root, checkpoint, tau), STAGE)
+    record.check(args.overwrite)  # before summary.json: a complete folder of other inputs is not complete
     if storage.exists(outputs.summary):
         print(f"[{STAGE}] complete: {outputs.summary}", flush=True)
         return 0
@@ -500,12 +527,16 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
         raise UserError(f"labelgen.tau_split: the {cfg.tau_split!r} split of {data} has no ground truth to sweep "
                         f"tau on: choose a split with ground truth (validation, train-semi) or set labelgen.tau")
     storage.makedirs(outputs.root)
-    _check_inputs(outputs, {"checkpoint": checkpoint, "num_clusters": num_clusters, "crop_size": cfg.crop_size,
-                            "short_side": config.ingest.eval_short_side, "spherical": cfg.spherical,
-                            "seed": cfg.kmeans_seed, "data": data,
-                            "tau_split": None if tau is not None else cfg.tau_split,
-                            "score_scale": cfg.score_scale})
     init_ray(config.ray)
+    with record.recording(produced=lambda: has_files(outputs.embeddings, ".parquet")):
+        _generate(config, data, outputs, checkpoint, num_clusters, tau)
+    return 0
+
+
+def _generate(config: LussConfig, data: str, outputs: Outputs, checkpoint: str, num_clusters: int,
+              tau: float | None) -> None:
+    """Steps 1-5 (each skipping what an earlier run of the same inputs completed)."""
+    cfg = config.labelgen
     started = time.perf_counter()
     actor_args = model_args(config, checkpoint)
     step_started = time.perf_counter()
@@ -537,7 +568,6 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
                                     "actor": round(TIMINGS.peak_actor_rss_mb, 1)}})
     storage.write_json_atomic(outputs.summary, summary)
     _print_summary(summary, outputs)
-    return 0
 
 
 def _has_ground_truth(data: str, split: str) -> bool:

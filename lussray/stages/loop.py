@@ -10,6 +10,7 @@ readable progress lines, ``--max-steps`` smoke runs.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import re
 import resource
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
@@ -167,7 +169,10 @@ def _save_checkpoint(spec: LoopSpec, model, optimizer, scaler, method, state: St
                 },
                 os.path.join(folder, CHECKPOINT_FILE),
             )
-        ray.train.report({"step": state.step, "epoch": state.epoch},
+        metrics = {"step": state.step, "epoch": state.epoch}
+        if rank == 0:  # Ray Train keeps rank 0's metrics in its checkpoint record
+            metrics[CHECKPOINT_BYTES] = os.path.getsize(os.path.join(folder, CHECKPOINT_FILE))
+        ray.train.report(metrics,
                          checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_step={state.step:08d}")
 
@@ -190,19 +195,119 @@ def _restore(model, optimizer, scaler, method) -> int:
     return int(state["step"])
 
 
-def latest_checkpoint(stage_dir: str) -> Optional[str]:
-    """Path of the newest ``checkpoint.pt`` under ``<run>/<stage>``, or None if there is none."""
+#: Ray Train V2's record of the checkpoints a run reported, in ``<run>/<stage>``.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+CHECKPOINT_BYTES = "checkpoint_bytes"  # reported with each checkpoint: the size of rank 0's checkpoint.pt
+
+
+def reported_checkpoints(stage_dir: str) -> Optional[dict[str, Optional[int]]]:
+    """{folder name: recorded size of its checkpoint.pt} of the checkpoints Ray Train's snapshot lists.
+
+    Returns:
+        None when there is no snapshot (checkpoints placed by hand, or no training yet); the size
+        is None for checkpoints reported before lussray recorded sizes.
+    """
+    path = storage.join(stage_dir, SNAPSHOT_FILE)
+    if not storage.exists(path):
+        return None
+    try:
+        snapshot = json.loads(storage.read_bytes(path))
+        results = snapshot["checkpoint_results"]
+        return {str(r["checkpoint_dir_name"]): (r.get("metrics") or {}).get(CHECKPOINT_BYTES) for r in results}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a readable Ray Train checkpoint record ({error}): delete {stage_dir} "
+                        f"(or pass --overwrite after changing an input) to train that stage again") from None
+
+
+def intact_checkpoint(path: str, recorded_bytes: Optional[int] = None) -> bool:
+    """Whether ``path`` is a whole checkpoint: its recorded size, else ``torch.load`` succeeds (on this process)."""
+    size = storage.file_size(path)
+    if size is None:
+        return False
+    if recorded_bytes is not None:
+        return size == int(recorded_bytes)
+    try:
+        torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+def _candidates(stage_dir: str) -> list[tuple[str, Optional[int]]]:
+    """(folder, recorded size) of the checkpoints to consider, newest first: Ray Train's, else the folders."""
     import pyarrow.fs as pafs
 
-    fs, root = storage.filesystem(stage_dir)
-    selector = pafs.FileSelector(root, allow_not_found=True)
-    folders = sorted(info.base_name for info in fs.get_file_info(selector)
-                     if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_step="))
-    for folder in reversed(folders):
+    reported = reported_checkpoints(stage_dir)
+    if reported is None:
+        fs, root = storage.filesystem(stage_dir)
+        selector = pafs.FileSelector(root, allow_not_found=True)
+        reported = {info.base_name: None for info in fs.get_file_info(selector)
+                    if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_step=")}
+    return sorted(reported.items(), key=lambda item: (checkpoint_step(item[0]), item[0]), reverse=True)
+
+
+def latest_checkpoint(stage_dir: str) -> Optional[str]:
+    """Path of the newest intact ``checkpoint.pt`` under ``<run>/<stage>``, or None if there is none.
+
+    Only the checkpoints Ray Train recorded as reported count (a folder it was still copying when
+    the run died is not one), each checked against its recorded size; without a record (copied or
+    hand-placed folders) every ``checkpoint_step=<N>`` folder counts and must load.
+    """
+    for folder, recorded in _candidates(stage_dir):
         path = storage.join(stage_dir, folder, CHECKPOINT_FILE)
-        if storage.exists(path):
+        if intact_checkpoint(path, recorded):
             return path
     return None
+
+
+def _snapshot_without(snapshot: dict[str, Any], bad: set[str]) -> dict[str, Any]:
+    """Ray Train's snapshot with the checkpoints named ``bad`` taken out of every list (the format of Ray 2.60)."""
+    keep = [i for i, r in enumerate(snapshot["checkpoint_results"]) if r["checkpoint_dir_name"] not in bad]
+    for name in ("checkpoint_results", "checkpoint_report_indices"):  # parallel lists
+        snapshot[name] = [snapshot[name][i] for i in keep]
+    latest = snapshot.get("latest_checkpoint_result")
+    if latest and latest["checkpoint_dir_name"] in bad:
+        newest = max(range(len(keep)), key=lambda i: snapshot["checkpoint_report_indices"][i], default=None)
+        snapshot["latest_checkpoint_result"] = None if newest is None else snapshot["checkpoint_results"][newest]
+    pending = [i for i, r in enumerate(snapshot.get("pending_training_results", []))
+               if r["checkpoint_dir_name"] not in bad]
+    for name in ("pending_training_results", "pending_validation_specs"):  # parallel lists
+        if name in snapshot:
+            snapshot[name] = [snapshot[name][i] for i in pending]
+    for name in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                 "failed_validation_checkpoint_dir_names"):
+        if name in snapshot:
+            snapshot[name] = [folder for folder in snapshot[name] if folder not in bad]
+    return snapshot
+
+
+def drop_incomplete_checkpoints(stage_dir: str, stage: str) -> list[str]:
+    """Remove reported checkpoints that are not intact from Ray Train's record and from storage.
+
+    Ray Train resumes from the newest checkpoint of its record and refuses a record naming a
+    missing folder; after this it resumes from the newest intact one (or starts afresh).
+
+    Returns:
+        The folder names removed.
+    """
+    from lussray.completion import remove_tree
+
+    reported = reported_checkpoints(stage_dir)
+    if not reported:
+        return []
+    bad = [folder for folder, recorded in reported.items()
+           if not intact_checkpoint(storage.join(stage_dir, folder, CHECKPOINT_FILE), recorded)]
+    if not bad:
+        return []
+    path = storage.join(stage_dir, SNAPSHOT_FILE)
+    snapshot = _snapshot_without(json.loads(storage.read_bytes(path)), set(bad))
+    storage.write_bytes_atomic(path, json.dumps(snapshot).encode())
+    for folder in bad:
+        remove_tree(storage.join(stage_dir, folder))
+    latest = snapshot["latest_checkpoint_result"]
+    print(f"[{stage}] checkpoint {', '.join(bad)} is incomplete (not its recorded size, or unreadable): removed; "
+          f"training continues from {latest['checkpoint_dir_name'] if latest else 'the start'}", flush=True)
+    return bad
 
 
 def given_or_latest(given: Optional[str], flag: str, run: Optional[str], stage: str, what: str,
@@ -242,16 +347,46 @@ def checkpoint_step(path: Optional[str]) -> int:
 
 
 def completed_checkpoint(spec: LoopSpec) -> Optional[str]:
-    """The latest checkpoint of ``spec``'s stage if training reached ``spec.last_step``, else None.
+    """The latest intact checkpoint of ``spec``'s stage if training reached ``spec.last_step``, else None.
 
     A stage calls this before starting Ray Train, so that a rerun of a finished stage (or
-    ``lussray run`` passing over it) costs no cluster start-up.
+    ``lussray run`` passing over it) costs no cluster start-up. When training is not complete it
+    first drops incomplete checkpoints (:func:`drop_incomplete_checkpoints`: a truncated final
+    one, say), so that the coming ``fit`` resumes from the last intact one and repairs the stage.
     """
     latest = latest_checkpoint(spec.run_dir)
     if latest and checkpoint_step(latest) >= spec.last_step:
         print(f"[{spec.stage}] complete at step {checkpoint_step(latest)}: {latest}", flush=True)
         return latest
+    drop_incomplete_checkpoints(spec.run_dir, spec.stage)
     return None
+
+
+def run_training(spec: LoopSpec, fingerprint: dict[str, Any], *, overwrite: bool,
+                 start: Callable[[], Any]) -> str:
+    """A training stage's skip-resume-or-train around ``start`` (which starts Ray and calls :func:`fit`).
+
+    Checks the stage folder's inputs record first (:class:`lussray.completion.StageRecord`: refused,
+    or removed with ``overwrite``, when it differs from ``fingerprint``), then returns the final
+    checkpoint when training is complete, else trains under the record (removed again when the
+    training fails before it reported a checkpoint).
+
+    Returns:
+        The latest intact checkpoint.
+    """
+    from lussray.completion import StageRecord
+
+    record = StageRecord(spec.run_dir, fingerprint, spec.stage)
+    record.check(overwrite)
+    done = completed_checkpoint(spec)
+    if done:
+        return done
+    with record.recording(produced=lambda: latest_checkpoint(spec.run_dir) is not None):
+        start()
+    latest = latest_checkpoint(spec.run_dir)
+    if latest is None:
+        raise RuntimeError(f"[{spec.stage}] training ended without an intact checkpoint in {spec.run_dir}")
+    return latest
 
 
 def state_fingerprint(checkpoint_state: dict[str, Any]) -> float:
@@ -273,7 +408,7 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 class _MetricsLog:
-    """Rank 0's JSONL metrics and progress lines.
+    """Rank 0's metrics: JSONL rows, TensorBoard scalars and progress lines.
 
     A local run folder gets one line appended per row. Object stores have no append, so there the
     object's existing rows (a resumed run continues the same file) and the new ones are kept in
@@ -281,17 +416,29 @@ class _MetricsLog:
     step, and otherwise at most every ``FLUSH_EVERY_S`` seconds (longer for a big file, so that
     uploads stay a small share of training time: S919 pretraining logs about 20 MB). A killed
     run loses at most that window of rows; checkpoints are not affected.
+
+    The numbers of each row also go to a TensorBoard event file beside metrics.jsonl, so that
+    ``tensorboard --logdir <run>`` shows one run per stage: ``loss/total``, one ``loss/<term>``
+    per loss term, ``train/lr``, ``train/images_per_s`` and the other per-step numbers. The
+    writer opens with the first row and purges what earlier attempts logged after the resumed
+    checkpoint's step (everything when the stage starts over), so a resumed curve has no doubled
+    segment. On object stores the event file is written to a local temporary folder and uploaded
+    whole each time metrics.jsonl is (a resumed run adds a file; TensorBoard merges them).
     """
 
     FLUSH_EVERY_S = 30.0
     FLUSH_SECONDS_PER_MB = 5.0
+    NOT_SCALARS = ("step", "total_steps", "time")
 
     def __init__(self, run_dir: str, enabled: bool) -> None:
         self.enabled = enabled
+        self.run_dir = run_dir
         self.path = storage.join(run_dir, METRICS_FILE)
         self.local = not storage.is_uri(run_dir)
         self._rows = bytearray()  # object stores only: the whole file as it should be
         self._flushed_at = -math.inf
+        self._events: Any = None  # the SummaryWriter, opened by the first row
+        self._events_dir: Optional[tempfile.TemporaryDirectory] = None  # object stores: its local folder
         if enabled and self.local:
             storage.makedirs(run_dir)
         elif enabled and storage.exists(self.path):
@@ -301,18 +448,54 @@ class _MetricsLog:
         if not self.enabled:
             return
         line = json.dumps(row) + "\n"
+        self._add_scalars(row)
         if self.local:
             with open(self.path, "a") as handle:
                 handle.write(line)
+            self._events.flush()
         else:
             self._rows += line.encode()
             now = time.monotonic()
             interval = max(self.FLUSH_EVERY_S, self.FLUSH_SECONDS_PER_MB * len(self._rows) / 2**20)
             if "event" in row or row.get("step") == row.get("total_steps") or now - self._flushed_at >= interval:
                 storage.write_bytes_atomic(self.path, bytes(self._rows))
+                self._upload_events()
                 self._flushed_at = now
         terms = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "time")
         print(f"[{row['stage']}] step {row['step']}/{row['total_steps']} epoch {row['epoch']} {terms}", flush=True)
+
+    @staticmethod
+    def tag(key: str) -> str:
+        """The TensorBoard tag of a row's key: ``loss/total``, ``loss/p2p`` (``loss_p2p``), ``train/lr``."""
+        if key == "loss":
+            return "loss/total"
+        return f"loss/{key[len('loss_'):]}" if key.startswith("loss_") else f"train/{key}"
+
+    def _add_scalars(self, row: dict[str, Any]) -> None:
+        if self._events is None:
+            # a resume continues after the checkpoint's step: what was logged beyond it is stale
+            self._events = self._open_events(purge_step=row["step"] + 1 if row.get("event") == "resume" else 0)
+        if "event" in row:
+            return
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in self.NOT_SCALARS:
+                self._events.add_scalar(self.tag(key), value, row["step"], walltime=row.get("time"))
+
+    def _open_events(self, purge_step: int) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = self.run_dir
+        if not self.local:
+            self._events_dir = tempfile.TemporaryDirectory(prefix="lussray-events-")
+            folder = self._events_dir.name
+        return SummaryWriter(folder, purge_step=purge_step)
+
+    def _upload_events(self) -> None:
+        self._events.flush()
+        assert self._events_dir is not None
+        for name in os.listdir(self._events_dir.name):
+            with open(os.path.join(self._events_dir.name, name), "rb") as handle:
+                storage.write_bytes_atomic(storage.join(self.run_dir, name), handle.read())
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -409,9 +592,18 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from lussray.stages import ray_cluster
+
     resources = {"CPU": loop_config.cpus_per_worker}
     if loop_config.use_gpu:
         resources["GPU"] = loop_config.gpus_per_worker
+    key = f"{spec.stage}.loop"
+    ray_cluster.require(ray_cluster.Demand(
+        f"{spec.stage} training workers", loop_config.num_workers, loop_config.cpus_per_worker,
+        loop_config.gpus_per_worker if loop_config.use_gpu else 0.0, f"{key}.num_workers",
+        f"{key}.cpus_per_worker", f"{key}.use_gpu / {key}.gpus_per_worker"), ray_cluster.current_config())
+    # Ray Data's own Train ingest options pass a deprecated field: its warning says nothing to a user
+    warnings.filterwarnings("ignore", message=".*exclude_resources.* is deprecated")
     ingest_options = ray.train.DataConfig.default_ingest_options()
     ingest_options.resource_limits = ingest_options.resource_limits.copy(
         object_store_memory=ingest_config.max_ahead_mb * 2**20)
@@ -432,6 +624,8 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=loop_config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines (worker group start, every checkpoint) stay in its log files
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ingest_options}),

@@ -6,8 +6,11 @@
 Stages: ``train`` (PASS pretraining), ``attention``, ``labelgen``, ``finetune``, ``predict``
 (validation, the evaluator's Hungarian matching; ``--crf`` also writes ``validation-crf``;
 ``--test`` also predicts the test split and packs its submission). Each stage records its own
-completion (a final checkpoint, ``summary.json``, a manifest), so a rerun of ``lussray run`` after an
-interruption passes over finished stages in seconds and continues inside the one that stopped.
+completion (a final checkpoint, ``summary.json``, a manifest) and the inputs that made it
+(``inputs.json``, :mod:`lussray.completion`), so a rerun of ``lussray run`` after an interruption
+passes over finished stages in seconds and continues inside the one that stopped, while a rerun
+with a changed config is refused at the first stage whose inputs changed; ``--overwrite`` redoes
+that stage and the ones after it, keeping the stages before.
 
 ``--baselines`` also scores, on the same validation images with the same evaluator:
 
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from lussray import storage
+from lussray.completion import FORMAT_VERSION, StageRecord, config_fingerprint, data_fingerprint
 from lussray.config import LussConfig
 from lussray.errors import UserError
 from lussray.stages import attention, finetune, labelgen, predict, pretrain
@@ -45,7 +49,7 @@ BASELINES = "baselines"
 def stage_args(data: str, run: str, **flags: Any) -> argparse.Namespace:
     """The namespace a stage's ``run(args, config)`` reads, with every flag at its default."""
     defaults = {"max_steps": None, "init": None, "checkpoint": None, "tau": None, "split": "validation",
-                "out": None, "match": None, "submission": False, "method": None, "crf": False}
+                "out": None, "match": None, "submission": False, "method": None, "crf": False, "overwrite": False}
     return argparse.Namespace(data=data, run=run, **{**defaults, **flags})
 
 
@@ -72,18 +76,26 @@ class _Timer:
 
 
 def run_stages(config: LussConfig, data: str, run: str, *, init: str | None, crf: bool, test: bool,
-               timer: _Timer) -> dict[str, Any]:
-    """Pretraining (unless ``init`` gives the backbone) through validation predictions; their summary."""
+               timer: _Timer, overwrite: bool = False) -> dict[str, Any]:
+    """Pretraining (unless ``init`` gives the backbone) through validation predictions; their summary.
+
+    Every stage compares the same ``config`` with its own inputs record, so a changed value is
+    refused (or, with ``overwrite``, redone) at the first stage that reads it, and the stages
+    after it follow (their upstream checkpoint or labels changed).
+    """
+    def args(data_dir: str | None, **flags: Any) -> argparse.Namespace:
+        return stage_args(data_dir, run, overwrite=overwrite, **flags)
+
     if init is None:
-        timer.run("train", pretrain.run, stage_args(data, run), config)
-    timer.run("attention", attention.run, stage_args(data, run, init=init), config)
-    timer.run("labelgen", labelgen.run, stage_args(data, run), config)
-    timer.run("finetune", finetune.run, stage_args(None, run, init=init), config)
-    timer.run("predict", predict.run, stage_args(data, run, split="validation"), config)
+        timer.run("train", pretrain.run, args(data), config)
+    timer.run("attention", attention.run, args(data, init=init), config)
+    timer.run("labelgen", labelgen.run, args(data), config)
+    timer.run("finetune", finetune.run, args(None, init=init), config)
+    timer.run("predict", predict.run, args(data, split="validation"), config)
     if crf:
-        timer.run("predict-crf", predict.run, stage_args(data, run, split="validation", crf=True), config)
+        timer.run("predict-crf", predict.run, args(data, split="validation", crf=True), config)
     if test:
-        timer.run("predict-test", predict.run, stage_args(data, run, split="test", submission=True), config)
+        timer.run("predict-test", predict.run, args(data, split="test", submission=True), config)
     return storage.read_json(storage.join(run, predict.STAGE, "validation", predict.SUMMARY_FILE))
 
 
@@ -97,29 +109,45 @@ class AllOtherPredictor:
         return [np.zeros(tuple(size), np.int64) for size in sizes]
 
 
-def all_other_baseline(config: LussConfig, data: str, run: str) -> dict[str, Any]:
+def all_other_baseline(config: LussConfig, data: str, run: str, overwrite: bool = False) -> dict[str, Any]:
     """Scores of the all-"other" prediction (no matching needed: 0 is 0)."""
     out = storage.join(run, BASELINES, "all-other")
+    record = StageRecord(out, {"format": FORMAT_VERSION, **config_fingerprint(config, "dataset.num_classes"),
+                               "data": data_fingerprint(data, ["validation"])}, STAGE)
+    record.check(overwrite)
     summary_path = storage.join(out, predict.SUMMARY_FILE)
-    if storage.exists(summary_path):
+    if storage.exists(summary_path) and record.recorded() is not None:
         return storage.read_json(summary_path)["metrics"]
-    result = predict.predict_split(config, data, "validation", out, AllOtherPredictor, {}, pool=config.predict,
-                                   evaluate=True, stage=STAGE)
-    metrics, _ = predict.score(result.accumulator, predict.IDENTITY)
-    summary = {"num_images": len(result.keys), "metrics": predict.json_safe(metrics.to_dict())}
-    storage.write_json_atomic(summary_path, summary)
+    storage.makedirs(out)
+    with record.recording(produced=lambda: storage.exists(summary_path)):
+        result = predict.predict_split(config, data, "validation", out, AllOtherPredictor, {}, pool=config.predict,
+                                       evaluate=True, stage=STAGE)
+        metrics, _ = predict.score(result.accumulator, predict.IDENTITY)
+        summary = {"num_images": len(result.keys), "metrics": predict.json_safe(metrics.to_dict())}
+        storage.write_json_atomic(summary_path, summary)
     return summary["metrics"]
 
 
-def random_backbone_checkpoint(config: LussConfig, run: str) -> str:
-    """A seeded random stage-1 model saved as a checkpoint (``<run>/baselines/random-backbone/init.pt``)."""
+def random_backbone_checkpoint(config: LussConfig, run: str, overwrite: bool = False) -> str:
+    """A seeded random stage-1 model saved as a checkpoint (``<run>/baselines/random-backbone/init.pt``).
+
+    ``<run>/baselines/random-backbone/inputs.json`` records the model settings it was drawn with;
+    other settings are refused, or with ``overwrite`` the whole random-backbone run is redone.
+    """
     import io
 
     import torch
 
     from lussray.models.pass_model import PASSModel
 
-    path = storage.join(run, BASELINES, "random-backbone", "init.pt")
+    root = storage.join(run, BASELINES, "random-backbone")
+    path = storage.join(root, "init.pt")
+    keys = ("arch", "hidden_mlp", "feat_dim", "num_prototypes", "loop.seed")
+    record = StageRecord(root, {"format": FORMAT_VERSION,
+                                **config_fingerprint(config, *(f"pretrain.{key}" for key in keys))}, STAGE)
+    record.check(overwrite)
+    if not storage.exists(record.path):
+        storage.write_json_atomic(record.path, record.fingerprint)
     if not storage.exists(path):
         pre = config.pretrain
         torch.manual_seed(pre.loop.seed)
@@ -137,17 +165,19 @@ def pseudo_label_baseline(run: str) -> dict[str, Any] | None:
     return summary.get("metrics", {}).get("validation")
 
 
-def baselines(config: LussConfig, data: str, run: str, *, timer: _Timer) -> dict[str, dict[str, Any]]:
+def baselines(config: LussConfig, data: str, run: str, *, timer: _Timer,
+              overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Every baseline's evaluator summary, by name."""
     out: dict[str, dict[str, Any]] = {}
-    out["all_other"] = timer.run("baseline all_other", all_other_baseline, config, data, run)
+    out["all_other"] = timer.run("baseline all_other", all_other_baseline, config, data, run, overwrite)
     pseudo = pseudo_label_baseline(run)
     if pseudo is not None:
         out["pseudo_labels"] = pseudo
     random_run = storage.join(run, BASELINES, "random-backbone")
-    init = random_backbone_checkpoint(config, run)
+    init = random_backbone_checkpoint(config, run, overwrite)
     sub_timer = _Timer("random_backbone/")
-    summary = run_stages(config, data, random_run, init=init, crf=False, test=False, timer=sub_timer)
+    summary = run_stages(config, data, random_run, init=init, crf=False, test=False, timer=sub_timer,
+                         overwrite=overwrite)
     timer.seconds.update({f"random_backbone/{k}": v for k, v in sub_timer.seconds.items()})
     out["random_backbone"] = summary["metrics"]
     return out
@@ -185,13 +215,14 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
         predict.crf_refiner(config)  # fails now, not after an hour of training, without the extra
     init_ray(config.ray)
     started, timer = time.perf_counter(), _Timer("")
-    summary = run_stages(config, data, run_root, init=None, crf=args.crf, test=args.test, timer=timer)
+    summary = run_stages(config, data, run_root, init=None, crf=args.crf, test=args.test, timer=timer,
+                         overwrite=args.overwrite)
     rows = {"pipeline": summary["metrics"]}
     if args.crf:
         crf_summary = storage.join(run_root, predict.STAGE, predict.split_folder("validation", True),
                                    predict.SUMMARY_FILE)
         rows["pipeline + CRF"] = storage.read_json(crf_summary)["metrics"]
-    found = baselines(config, data, run_root, timer=timer) if args.baselines else {}
+    found = baselines(config, data, run_root, timer=timer, overwrite=args.overwrite) if args.baselines else {}
     result = {"metrics": rows, "baselines": found, "stage_seconds": timer.seconds,
               "seconds": round(time.perf_counter() - started, 1), "data": data, "run": run_root}
     storage.write_json_atomic(storage.join(run_root, METRICS_FILE), result)

@@ -18,8 +18,11 @@ resolution in the official codec, following the reference's inference rule
 
 When the split has ground truth the actors also compute the evaluator's per-image statistics
 (:func:`lussray.eval.stats.image_stats`) on the predictions they hold, so the metrics come without
-reading the PNGs again; ``<out>/summary.json`` (written last) records them with the inputs, and a
-rerun with the same inputs is skipped.
+reading the PNGs again; ``<out>/summary.json`` (written last) records them. ``<out>/inputs.json``
+records the inputs (checkpoint, data, matching, ``predict.max_res``, ``ingest.eval_short_side``,
+CRF settings): a rerun with the same inputs is skipped, one with other inputs refused
+(``--overwrite`` predicts again). ``<out>/keys.txt`` lists the predictions of the pass; a
+submission packs only those.
 
 The pool is generic: :class:`PredictionWriter` (the ``map_batches`` callable class) builds any
 :class:`Predictor` once per actor. :class:`SegmenterPredictor` is the fine-tuned model; the
@@ -44,11 +47,21 @@ from typing import Any, Protocol
 import numpy as np
 
 from lussray import storage
+from lussray.completion import (
+    FORMAT_VERSION,
+    StageRecord,
+    checkpoint_fingerprint,
+    config_fingerprint,
+    data_fingerprint,
+    file_fingerprint,
+    has_files,
+)
 from lussray.config import LussConfig
 from lussray.errors import UserError
 
 STAGE = "predict"
 SUMMARY_FILE = "summary.json"
+KEYS_FILE = "keys.txt"
 MATCH_FILE = "match.json"
 METHOD_FILE = "method.txt"
 IDENTITY = "identity"
@@ -176,7 +189,7 @@ class PredictionWriter:
         for key, size, gt, prediction in zip(keys, sizes, gts, predictions):
             if prediction.shape != size:
                 raise RuntimeError(f"{key}: prediction is {prediction.shape}, the image {size}")
-            storage.write_bytes_atomic(storage.join(self.out, f"{key}.png"), label_to_png_bytes(prediction))
+            storage.write_bytes_atomic(storage.join_under(self.out, f"{key}.png"), label_to_png_bytes(prediction))
             if self.evaluate and gt is not None:
                 try:
                     stats.append(pickle.dumps(image_stats(prediction, gt, self.num_classes, key=key)))
@@ -213,12 +226,21 @@ def run_pool(dataset: Any, factory: Callable[..., Any], factory_kwargs: dict[str
 
     Returns:
         Seconds the pass took.
+
+    Raises:
+        UserError: the cluster cannot hold the pool (``<section>.actor_pool_min``, ``cpus_per_actor``,
+            ``gpus_per_actor``), or an actor failed: one line naming its samples or checkpoint.
     """
     import ray.data
 
+    from lussray.stages import ray_cluster
+
+    ray_cluster.require(ray_cluster.pool_demand(ray_cluster.section_key(pool), pool, f"{stage} {what} actors"),
+                        ray_cluster.current_config())
     mapped = dataset.map_batches(
-        factory,
-        fn_constructor_kwargs=factory_kwargs,
+        ray_cluster.Guarded,
+        fn_constructor_kwargs={"factory": factory, "factory_kwargs": factory_kwargs, "unit_column": "key",
+                               "label": f"{stage} {what}: {factory.__name__}"},
         batch_size=int(pool.batch_size),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool.actor_pool_min, max_size=pool.actor_pool_max),
@@ -226,7 +248,7 @@ def run_pool(dataset: Any, factory: Callable[..., Any], factory_kwargs: dict[str
         num_gpus=pool.gpus_per_actor,
     )
     started, done, next_report = time.perf_counter(), 0, 1
-    for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in ray_cluster.checked(mapped.iter_batches(batch_size=None, batch_format="numpy"), f"[{stage}] {what}"):
         output_rows(batch)
         done += len(set(batch["key"].tolist()))  # images (an image may give several rows)
         if done * 10 >= next_report * max(total, 1) or done >= total:
@@ -326,14 +348,25 @@ def method_text(description: str) -> str:
     return description.strip() + "\n"
 
 
+def submission_path(out: str) -> str:
+    """``<out>/../<name of out>.zip``, where :func:`package_submission` writes."""
+    parent, name = _split_path(out)
+    return storage.join(parent, f"{name}.zip")
+
+
 def package_submission(out: str, keys: Sequence[str], method: str) -> str:
     """``<out>/../<name of out>.zip``: the ``<wnid>/<name>.png`` folders, ``match.json`` if any, ``method.txt``.
+
+    Args:
+        out: the prediction folder.
+        keys: the predictions to pack (:func:`written_keys`: those of the pass that made the
+            folder's summary, never other files lying there).
+        method: the text of ``method.txt``.
 
     Returns:
         The path of the zip (local or object store).
     """
-    parent, name = _split_path(out)
-    target = storage.join(parent, f"{name}.zip")
+    target = submission_path(out)
     storage.write_bytes_atomic(storage.join(out, METHOD_FILE), method_text(method).encode())
     with tempfile.NamedTemporaryFile(prefix=".tmp-", suffix=".zip", delete=False) as handle:
         local = handle.name
@@ -403,10 +436,30 @@ def finetune_checkpoint(run: str | None, given: str | None, stage: str = "finetu
 # -- the command -----------------------------------------------------------------------------
 
 
+def fingerprint(config: LussConfig, data: str, split: str, checkpoint: str, match: Any, *, root: str | None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What determines a prediction folder (:mod:`lussray.completion`).
+
+    The split's manifest, the checkpoint (path relative to ``root`` and size), the matching (a
+    given match.json by content), the inference settings (``predict.max_res``,
+    ``ingest.eval_short_side``), N, and ``extra`` (the CRF parameters).
+    """
+    matching = match if match in (HUNGARIAN, IDENTITY) else file_fingerprint(match, root)
+    return {"format": FORMAT_VERSION,
+            **config_fingerprint(config, "predict.max_res", "ingest.eval_short_side", "dataset.num_classes"),
+            "split": split, "data": data_fingerprint(data, [split]),
+            "checkpoint": checkpoint_fingerprint(checkpoint, root), "match": matching, **(extra or {})}
+
+
 def predict_segmenter(config: LussConfig, data: str, split: str, out: str, checkpoint: str, *,
                       match: Any, stage: str = STAGE, inputs: dict[str, Any] | None = None,
-                      refine_fn: Callable[..., np.ndarray] | None = None) -> dict[str, Any]:
+                      refine_fn: Callable[..., np.ndarray] | None = None, run: str | None = None,
+                      overwrite: bool = False) -> dict[str, Any]:
     """Predict ``split`` with a segmenter checkpoint, match, evaluate, write ``summary.json`` last.
+
+    ``<out>/inputs.json`` records the inputs (:func:`fingerprint`): a rerun with the same ones
+    returns the summary at once, other ones are refused (``overwrite``: ``out`` and its submission
+    zip are removed and the split predicted again).
 
     Args:
         config: the resolved config.
@@ -416,19 +469,27 @@ def predict_segmenter(config: LussConfig, data: str, split: str, out: str, check
         checkpoint: a segmentation checkpoint.
         match: ``"hungarian"``, ``"identity"`` or a match.json path (copied into ``out``).
         stage: log prefix.
-        inputs: extra entries recorded in the summary (and compared on reruns).
+        inputs: extra entries of the inputs record (the CRF parameters).
         refine_fn: replaces :func:`refine` (the CRF hook).
+        run: the run folder (paths under it are recorded relative to it).
+        overwrite: replace outputs of other inputs instead of refusing.
 
     Returns:
         The summary (also in ``<out>/summary.json``).
+
+    Raises:
+        UserError: if ``out`` holds predictions of other inputs (and not ``overwrite``), or the
+            matching cannot apply.
     """
     from lussray.eval.io import read_match, write_match
 
     arch, num_outputs = segmenter_shape(checkpoint, config.pretrain.arch)
     num_classes = config.dataset.num_classes
-    record = {"split": split, "data": data, "checkpoint": checkpoint, "match": match, **(inputs or {})}
+    record = StageRecord(out, fingerprint(config, data, split, checkpoint, match, root=run, extra=inputs), stage,
+                         extra_outputs=[submission_path(out)])
+    record.check(overwrite)
     summary_path = storage.join(out, SUMMARY_FILE)
-    if storage.exists(summary_path) and storage.read_json(summary_path).get("inputs") == record:
+    if storage.exists(summary_path) and record.recorded() is not None:
         print(f"[{stage}] {split}: complete, {summary_path}", flush=True)
         return storage.read_json(summary_path)
     match_dict = None
@@ -442,33 +503,50 @@ def predict_segmenter(config: LussConfig, data: str, split: str, out: str, check
               "max_res": config.predict.max_res, "torch_threads": config.predict.torch_threads}
     if refine_fn is not None:
         kwargs["refine_fn"] = refine_fn
-    # The statistics need ids in 0..N, so K > N (with a many-to-one match) is written but not scored.
-    result = predict_split(config, data, split, out, SegmenterPredictor, kwargs, pool=config.predict,
-                           evaluate=num_outputs - 1 <= num_classes, stage=stage)
-    summary: dict[str, Any] = {"inputs": record, "num_images": len(result.keys), "seconds": round(result.seconds, 1),
-                               "images_per_s": round(len(result.keys) / max(result.seconds, 1e-9), 2)}
-    if match == IDENTITY:
-        _remove(storage.join(out, MATCH_FILE))  # a stale one would be shipped with a submission
-    if match_dict is not None:
-        copy = storage.join(out, MATCH_FILE)
-        if os.path.abspath(str(match)) != os.path.abspath(copy):  # the server applies it: ship it as given
-            storage.write_bytes_atomic(copy, storage.read_bytes(match))
-        summary["match_file"] = copy
-    if result.accumulator is not None and result.accumulator.num_images:
-        metrics, mapping = score(result.accumulator, match_dict if match_dict is not None else match)
-        if match == HUNGARIAN and mapping is not None:
-            write_match(storage.join(out, MATCH_FILE), mapping)
-            summary["match_file"] = storage.join(out, MATCH_FILE)
-        summary["matching"] = "given" if match_dict is not None else match
-        summary["metrics"] = json_safe(metrics.to_dict())
-        print(f"[{stage}] {split}: matching {summary['matching']}", flush=True)
-        print(format_metrics(metrics), flush=True)
-    storage.write_json_atomic(summary_path, summary)
+    storage.makedirs(out)
+    with record.recording(produced=lambda: has_files(out, ".png") or storage.exists(summary_path)):
+        # The statistics need ids in 0..N, so K > N (with a many-to-one match) is written but not scored.
+        result = predict_split(config, data, split, out, SegmenterPredictor, kwargs, pool=config.predict,
+                               evaluate=num_outputs - 1 <= num_classes, stage=stage)
+        write_keys(out, result.keys)
+        summary: dict[str, Any] = {"inputs": record.fingerprint, "num_images": len(result.keys),
+                                   "seconds": round(result.seconds, 1),
+                                   "images_per_s": round(len(result.keys) / max(result.seconds, 1e-9), 2)}
+        if match == IDENTITY:
+            _remove(storage.join(out, MATCH_FILE))  # a stale one would be shipped with a submission
+        if match_dict is not None:
+            copy = storage.join(out, MATCH_FILE)
+            if os.path.abspath(str(match)) != os.path.abspath(copy):  # the server applies it: ship it as given
+                storage.write_bytes_atomic(copy, storage.read_bytes(match))
+            summary["match_file"] = copy
+        if result.accumulator is not None and result.accumulator.num_images:
+            metrics, mapping = score(result.accumulator, match_dict if match_dict is not None else match)
+            if match == HUNGARIAN and mapping is not None:
+                write_match(storage.join(out, MATCH_FILE), mapping)
+                summary["match_file"] = storage.join(out, MATCH_FILE)
+            summary["matching"] = "given" if match_dict is not None else match
+            summary["metrics"] = json_safe(metrics.to_dict())
+            print(f"[{stage}] {split}: matching {summary['matching']}", flush=True)
+            print(format_metrics(metrics), flush=True)
+        storage.write_json_atomic(summary_path, summary)
     line = f"{len(result.keys)} images in {result.seconds:.1f} s -> {out}"
     if "metrics" in summary:
         line += f"; mIoU {summary['metrics']['mIoU']:.2f}"
     print(f"[{stage}] {split}: done, {line}", flush=True)
     return summary
+
+
+def write_keys(out: str, keys: Sequence[str]) -> None:
+    """``<out>/keys.txt``: the keys this prediction pass wrote, one per line (what a submission packs)."""
+    storage.write_bytes_atomic(storage.join(out, KEYS_FILE), "".join(f"{key}\n" for key in keys).encode())
+
+
+def written_keys(out: str) -> list[str]:
+    """The keys of ``<out>/keys.txt``; for folders written before it existed, every ``<wnid>/<name>.png``."""
+    path = storage.join(out, KEYS_FILE)
+    if storage.exists(path):
+        return storage.read_bytes(path).decode().split()
+    return prediction_keys(out)
 
 
 def _remove(path: str) -> None:
@@ -560,11 +638,11 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     init_ray(config.ray)
     inputs = {"crf": dataclasses.asdict(refine_fn.params)} if refine_fn is not None else None
     summary = predict_segmenter(config, data, args.split, out, checkpoint, match=match, inputs=inputs,
-                                refine_fn=refine_fn)
+                                refine_fn=refine_fn, run=run_root, overwrite=args.overwrite)
     if args.submission:
         method = args.method or (f"lussray: PASS-style fine-tuned segmenter ({config.pretrain.arch}), "
                                  f"checkpoint {checkpoint}")
-        keys = prediction_keys(out)
+        keys = written_keys(out)
         print(f"[{STAGE}] submission: {package_submission(out, keys, method)} ({len(keys)} predictions, "
               f"{summary['num_images']} images)", flush=True)
     return 0

@@ -5,7 +5,9 @@
         --data s3://bucket/imagenet-s919-shards --run s3://bucket/runs/s919
 
 Checkpoints go to ``<run>/pretrain/checkpoint_step=<N>/checkpoint.pt``; a rerun with the same
-``--run`` resumes from the latest one. ``--max-steps N`` stops after N steps (checkpointing first).
+``--run`` resumes from the latest one when it was made with the same inputs (config, data, ``--init``;
+``<run>/pretrain/inputs.json``), and is refused otherwise (``--overwrite`` retrains).
+``--max-steps N`` stops after N steps (checkpointing first).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from lussray import storage
+from lussray.completion import FORMAT_VERSION, checkpoint_fingerprint, config_fingerprint, data_fingerprint
 from lussray.config import LussConfig, PretrainConfig, to_dict
 from lussray.data.augment import IMAGENET_MEAN, MULTICROP_STD
 from lussray.data.shards import read_manifest
@@ -111,19 +114,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="initialise from a lussray, torchvision or PASS/SwAV checkpoint")
 
 
+def fingerprint(config: LussConfig, data: str, run: str, init_checkpoint: Optional[str]) -> dict:
+    """What determines the stage's checkpoints (:mod:`lussray.completion`): config, data, initialisation."""
+    return {"format": FORMAT_VERSION, **config_fingerprint(config, "pretrain"),
+            "data": data_fingerprint(data, ["train"]), "init": checkpoint_fingerprint(init_checkpoint, run)}
+
+
 def run(args: argparse.Namespace, config: LussConfig) -> int:
-    """Pretrain on ``--data`` into ``--run`` (resuming when it holds a checkpoint)."""
+    """Pretrain on ``--data`` into ``--run`` (resuming when it holds a checkpoint of the same inputs)."""
     from lussray.data.ingest import init_ray, multicrop_views
-    from lussray.stages.loop import completed_checkpoint, fit
+    from lussray.stages.loop import fit, run_training
 
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
     # Ray workers run in their own working directories: hand them absolute paths.
     data, run_root = (storage.absolute(path) for path in (args.data, args.run))
-    spec = build_spec(config, data, run_root, max_steps=args.max_steps, init_checkpoint=args.init)
-    if completed_checkpoint(spec):
-        return 0
-    init_ray(config.ray)
-    dataset = multicrop_views(data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
-    fit(spec, dataset, config.pretrain.loop, config.ingest, run_root)
+    init = storage.absolute(args.init) if args.init else None
+    if init and not storage.exists(init):
+        raise UserError(f"--init {init}: no such checkpoint")
+    spec = build_spec(config, data, run_root, max_steps=args.max_steps, init_checkpoint=init)
+
+    def start() -> None:
+        init_ray(config.ray)
+        dataset = multicrop_views(data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
+        fit(spec, dataset, config.pretrain.loop, config.ingest, run_root)
+
+    run_training(spec, fingerprint(config, data, run_root, init), overwrite=args.overwrite, start=start)
     return 0

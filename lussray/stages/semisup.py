@@ -8,8 +8,9 @@ backbone (the latest ``<run>/pretrain`` checkpoint by default, any checkpoint
 N + 1 outputs is fine-tuned on ``train-semi`` with its ground truth (cross-entropy, ignore 1000;
 joint RandomResizedCrop with scale (``semisup.min_scale``, 1) + flip) by the fine-tuning method of
 :mod:`lussray.stages.finetune` on the shared loop (``<run>/semisup/checkpoint_step=<N>``,
-resumable). The model then predicts ``validation`` through the pool of :mod:`lussray.stages.predict`
-(``<run>/semisup/validation/<wnid>/<name>.png``) and the evaluator scores it **without matching**:
+resumable; ``<run>/semisup/inputs.json`` records its inputs, and a rerun with other ones is refused
+unless ``--overwrite``). The model then predicts ``validation`` through the pool of
+:mod:`lussray.stages.predict` (``<run>/semisup/validation/<wnid>/<name>.png``) and the evaluator scores it **without matching**:
 the head's channels are the ground-truth ids. ``<run>/semisup/validation/summary.json`` holds the
 metrics.
 
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 
 from lussray import storage
+from lussray.completion import checkpoint_fingerprint
 from lussray.config import LussConfig
 from lussray.data.imagenet_s import IGNORE_ID
 from lussray.data.shards import read_manifest
@@ -60,10 +62,11 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     ingest = dataclasses.replace(config.ingest, finetune_min_scale=config.semisup.min_scale)
     checkpoint = finetune.train_segmenter(
         config, data, run_root, init, num_outputs=num_classes + 1, ingest=ingest, max_steps=args.max_steps,
-        stage=STAGE, split=TRAIN_SPLIT, loop=config.semisup.loop, ignore_index=IGNORE_ID)
+        stage=STAGE, split=TRAIN_SPLIT, loop=config.semisup.loop, ignore_index=IGNORE_ID, overwrite=args.overwrite)
     out = storage.absolute(args.out) if args.out else storage.join(run_root, STAGE, EVAL_SPLIT)
     summary = predict.predict_segmenter(config, data, EVAL_SPLIT, out, checkpoint, match=predict.IDENTITY,
-                                        stage=STAGE, inputs={"init": init or finetune.RANDOM_INIT})
+                                        stage=STAGE, run=run_root, overwrite=args.overwrite,
+                                        inputs={"init": checkpoint_fingerprint(init, run_root) or finetune.RANDOM_INIT})
     if "metrics" in summary:
         print(f"[{STAGE}] validation mIoU {summary['metrics']['mIoU']:.2f} (no matching; backbone "
               f"{init or 'random'})", flush=True)

@@ -23,6 +23,7 @@ from moto.server import ThreadedMotoServer
 from lussray import storage
 from lussray.cli import main
 from lussray.stages.loop import CHECKPOINT_FILE, METRICS_FILE, state_fingerprint
+from tests.ray.tensorboard_events import scalars
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -108,6 +109,15 @@ def test_shards_and_run_folder_on_s3_with_resume(s3, tmp_path):
     resume = [r for r in rows if r.get("event") == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 2
     assert resume[0]["state_fingerprint"] == pytest.approx(state_fingerprint(first), rel=1e-9)
+    # TensorBoard events in the bucket too: one file per run, read back as one curve
+    events = [key for key in _keys(s3, "runs/r1/pretrain/") if key.rsplit("/", 1)[-1].startswith("events.out.")]
+    assert len(events) == 2, events
+    for key in events:
+        (tmp_path / "events").mkdir(exist_ok=True)
+        (tmp_path / "events" / key.rsplit("/", 1)[-1]).write_bytes(_get(s3, key))
+    curve = scalars(tmp_path / "events")["loss/total"]
+    assert [step for step, _ in curve] == [1, 2, 3, 4]
+    assert [value for _, value in curve] == pytest.approx([r["loss"] for r in rows if "loss" in r], rel=1e-6)
     final = torch.load(io.BytesIO(_get(s3, f"runs/r1/pretrain/checkpoint_step=00000004/{CHECKPOINT_FILE}")),
                        weights_only=True)
     assert final["step"] == 4 and final["config"]["pretrain"]["feat_dim"] == 16

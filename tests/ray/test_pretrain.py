@@ -14,6 +14,7 @@ import torch
 from lussray.cli import main
 from lussray.stages.loop import CHECKPOINT_FILE, METRICS_FILE, state_fingerprint
 from tests.ray.kill import kill_driver
+from tests.ray.tensorboard_events import scalars
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -100,6 +101,13 @@ def test_pretrain_learns_checkpoints_and_resumes_after_kill(shards, tmp_path):
     losses = [r["loss"] for r in steps]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6, losses
+    # 3. TensorBoard shows each step once: what the killed run logged beyond the resume step is purged
+    curves = scalars(run / "pretrain")
+    latest = {r["step"]: r for r in steps}  # the rerun's rows come last
+    assert [step for step, _ in curves["loss/total"]] == list(range(1, 25))
+    assert [value for _, value in curves["loss/total"]] == pytest.approx([latest[s]["loss"] for s in range(1, 25)],
+                                                                        rel=1e-6)
+    assert {"loss/i2i", "loss/d2s3", "train/lr", "train/images_per_s"} <= set(curves), sorted(curves)
     final = torch.load(_checkpoints(run)[-1] / CHECKPOINT_FILE, weights_only=True)
     assert final["step"] == 24 and "prototypes.weight" in final["model"]
     assert final["config"]["pretrain"]["feat_dim"] == 32

@@ -424,3 +424,12 @@ def test_center_crop_matches_torchvision(shape, size):
     ours = aug.center_crop(image, size)
     expected = np.asarray(T.CenterCrop(size)(Image.fromarray(image)))
     np.testing.assert_array_equal(ours, expected)
+
+
+def test_shorter_side_resize_has_a_bounded_output():
+    # a 1 x 65535 image at shorter side 256 would be 256 x 16.7M pixels (12 GiB): refused before allocating
+    with pytest.raises(ValueError, match=r"1x65535 image .* 256x16776960 .* more than 67108864"):
+        aug.resize_shorter_side(np.zeros((1, 65535, 3), np.uint8), 256)
+    with pytest.raises(ValueError, match="more than 1000"):
+        aug.resize_shorter_side(np.zeros((10, 20), np.uint8), 30, max_pixels=1000)
+    assert aug.resize_shorter_side(np.zeros((10, 20), np.uint8), 20, max_pixels=800).shape == (20, 40)

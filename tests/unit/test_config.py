@@ -1,6 +1,7 @@
 import pytest
 
-from lussray.config import ConfigError, available_datasets, load_config
+from lussray.config import (ConfigError, LabelgenConfig, LussConfig, available_datasets, check_values, load_config,
+                            unranged_keys)
 
 
 def test_presets_carry_reference_hyperparameters():
@@ -50,3 +51,91 @@ def test_unknown_dataset_lists_choices():
 def test_missing_experiment_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config("synthetic-demo", tmp_path / "missing.yaml")
+
+
+def test_every_numeric_key_has_a_range():
+    # a new numeric field needs ranged(default, low, high) in lussray/config.py
+    assert unranged_keys() == []
+
+
+@pytest.mark.parametrize("dataset", available_datasets())
+def test_defaults_and_every_preset_are_in_range(dataset):
+    check_values(LussConfig())
+    load_config(dataset)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.loop.num_workers=0", r"pretrain\.loop\.num_workers=0 .*>= 1"),
+    ("attention.loop.batch_size_per_worker=0", r"attention\.loop\.batch_size_per_worker=0 .*>= 1"),
+    ("finetune.loop.batch_size_per_worker=-8", r"finetune\.loop\.batch_size_per_worker=-8 .*>= 1"),
+    ("pretrain.loop.checkpoint_every_steps=0", r"pretrain\.loop\.checkpoint_every_steps=0 .*>= 1"),
+    ("semisup.loop.max_failures=-1", r"semisup\.loop\.max_failures=-1 .*>= 0"),
+    ("labelgen.tau=2", r"labelgen\.tau=2\.0 .*in \[0, 1\]"),
+    ("labelgen.tau_step=0", r"labelgen\.tau_step=0\.0 .*in \(0, 1\]"),
+    ("pretrain.crops.flip_p=1.5", r"pretrain\.crops\.flip_p=1\.5 .*in \[0, 1\]"),
+    ("pretrain.loop.base_lr=-0.1", r"pretrain\.loop\.base_lr=-0\.1 .*>= 0"),
+    ("pretrain.loop.weight_decay=nan", r"pretrain\.loop\.weight_decay=nan"),
+    ("pretrain.temperature=0", r"pretrain\.temperature=0\.0 .*> 0"),
+    ("labelgen.kmeans_redo=0", r"labelgen\.kmeans_redo=0 .*>= 1"),
+    ("ray.num_cpus=0", r"ray\.num_cpus=0 .*>= 1"),
+    ("dataset.num_classes=1000", r"dataset\.num_classes=1000 .*in \[1, 999\]"),
+    ("pretrain.crops.num_crops=[2,0]", r"pretrain\.crops\.num_crops\[1\]=0 .*>= 1"),
+    ("labelgen.score_scale=minmax", r"labelgen\.score_scale='minmax'.*absolute, image"),
+    ("labelgen.tau_split=train", r"labelgen\.tau_split='train'.*validation, train-semi"),
+])
+def test_out_of_range_values_are_refused_naming_key_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("synthetic-demo", overrides=[override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["labelgen.tau_min=0.5", "labelgen.tau_max=0.4"], r"labelgen\.tau_min=0\.5 exceeds labelgen\.tau_max=0\.4"),
+    (["predict.actor_pool_min=3"], r"predict\.actor_pool_min=3 exceeds predict\.actor_pool_max=1"),
+    (["pretrain.crops.min_scales=[0.5,0.4]"], r"pretrain\.crops\.min_scales\[1\]=0\.4 exceeds .*max_scales\[1\]=0\.3"),
+    (["pretrain.crops.num_crops=[2]"], r"pretrain\.crops\.num_crops=\[2\], pretrain\.crops\.crop_sizes=\[64, 32\]"),
+    (["synth.semi_per_class=61"], r"synth\.semi_per_class=61 exceeds synth\.train_per_class=60"),
+])
+def test_inconsistent_keys_are_refused_naming_both(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("synthetic-demo", overrides=overrides)
+
+
+def test_optional_keys_accept_none_and_bounds_are_inclusive():
+    config = load_config("imagenet-s50", overrides=["labelgen.tau=null", "ray.num_cpus=null", "labelgen.tau_max=1",
+                                                    "pretrain.loop.max_failures=0", "labelgen.num_clusters=null"])
+    assert config.labelgen.tau is None and config.ray.num_cpus is None and config.labelgen.tau_max == 1.0
+
+
+def test_score_scale_choices_are_pixel_labels_scales():
+    from dataclasses import fields
+
+    from lussray.cluster.pixel_labels import SCORE_SCALES
+
+    choices = next(spec for spec in fields(LabelgenConfig) if spec.name == "score_scale").metadata["choices"]
+    assert tuple(choices) == tuple(SCORE_SCALES)
+
+
+def test_range_check_runs_before_any_stage_work(tmp_path, capsys):
+    from lussray.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "none"), "--run", str(tmp_path / "run"),
+                 "pretrain.loop.num_workers=0"]) == 2
+    assert "pretrain.loop.num_workers=0 is out of range: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value, accepted", [("0.4", True), ("0", True), ("1", True), ("2", False),
+                                             ("-0.1", False), ("nan", False), ("x", False)])
+def test_labelgen_tau_flag_uses_the_key_range(value, accepted, capsys):
+    import argparse
+
+    from lussray.stages import labelgen
+
+    parser = argparse.ArgumentParser()
+    labelgen.add_arguments(parser)
+    if accepted:
+        assert parser.parse_args(["--tau", value]).tau == float(value)
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--tau", value])
+        assert exit_info.value.code == 2 and "--tau" in capsys.readouterr().err

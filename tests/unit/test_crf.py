@@ -62,3 +62,53 @@ def test_missing_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     with pytest.raises(UserError, match=r"\.\[crf\]"):
         require_pydensecrf()
+
+
+def test_pixel_protocol_parameter_set_has_the_stego_hp_values():
+    from lussray.crf import PARAMETER_SETS, STEGO_HP_CRF
+
+    # STEGO src/crf.py = HP utils/seg_utils.py: MAX_ITER, POS_XY_STD, POS_W, Bi_XY_STD, Bi_RGB_STD, Bi_W.
+    assert (STEGO_HP_CRF.iterations, STEGO_HP_CRF.pos_xy_std, STEGO_HP_CRF.pos_w) == (10, 1, 3)
+    assert (STEGO_HP_CRF.bi_xy_std, STEGO_HP_CRF.bi_rgb_std, STEGO_HP_CRF.bi_w) == (67, 3, 4)
+    assert PARAMETER_SETS["stego-hp"] is STEGO_HP_CRF
+
+
+def k_class_scene(num_classes: int = 5, size: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vertical bands of K colours, and noisy probabilities that favour the right band's class."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(size) * num_classes // size, size).reshape(size, size).T  # band per column
+    colours = rng.integers(0, 256, (num_classes, 3)).astype(np.uint8)
+    logits = rng.normal(0.0, 1.0, (num_classes, size, size)).astype(np.float32)
+    logits[truth, np.arange(size)[:, None], np.arange(size)[None, :]] += 1.0
+    probabilities = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    return probabilities, colours[truth], truth
+
+
+def test_refiner_runs_on_k_class_probabilities():
+    pytest.importorskip("pydensecrf.densecrf")
+    from lussray.crf import STEGO_HP_CRF
+
+    probabilities, image, truth = k_class_scene()
+    refiner = CRFRefiner(STEGO_HP_CRF, timeout_s=60)
+    try:
+        labels = refiner.refine_probabilities(probabilities, image)
+    finally:
+        refiner.close()
+    assert labels.shape == truth.shape and labels.dtype == np.int64
+    assert set(np.unique(labels)) <= set(range(5)) and refiner.timeouts == 0
+    # The noisy argmax is often wrong; the CRF follows the colour bands.
+    assert (probabilities.argmax(0) == truth).mean() < 0.8
+    assert (labels == truth).mean() > 0.95
+
+
+def test_refiner_keeps_the_argmax_after_a_timeout():
+    pytest.importorskip("pydensecrf.densecrf")
+    probabilities, image, _ = k_class_scene()
+    # A 1 ms budget cannot cover spawning the child and importing pydensecrf, so the CRF times out.
+    refiner = CRFRefiner(CRFParams(), timeout_s=0.001)
+    try:
+        labels = refiner.refine_probabilities(probabilities, image)
+    finally:
+        refiner.close()
+    assert refiner.timeouts == 1
+    assert (labels == probabilities.argmax(0)).all()
