@@ -1,0 +1,493 @@
+"""PiCIE's loss and its per-epoch pixel k-means, as pure torch functions.
+
+PiCIE [0] alternates, every epoch, (a) k-means over the pixel embeddings of the training set,
+separately for each view, and (b) training with a cross-entropy towards the fixed centroids. In
+the notation of [0] (Sec. 3): z is an L2-normalised pixel embedding, mu the K centroids of a view,
+y the pixel's cluster, d the cosine distance.
+
+- Eq. (1), the clustering: ``min_{y, mu} sum_{i,p} ||z_ip - mu_{y_ip}||^2``
+  (:func:`assign`, :func:`cluster_stats`, :func:`lloyd_update`, :func:`minibatch_update`).
+- Eqs. (2)-(3), the clustering loss: ``L_clust(z, y, mu) = -log(exp(-d(z, mu_y)) / sum_l
+  exp(-d(z, mu_l)))``. With ``d = 1 - cos`` the constant cancels in the softmax, so the logits
+  are the cosine similarities ``<z, mu_l>`` (:func:`cluster_logits`, :func:`clustering_ce`).
+- The multi-view objective of Sec. 3 (invariance and equivariance), views z1 = f(G(P1 x)) and
+  z2 = G(f(P2 x)) clustered separately into (y1, mu1) and (y2, mu2):
+  ``L_within = L_clust(z1, y1, mu1) + L_clust(z2, y2, mu2)``,
+  ``L_cross = L_clust(z1, y2, mu2) + L_clust(z2, y1, mu1)``, ``L = L_within + L_cross``
+  (:func:`picie_loss`).
+
+The equation numbers after (3) are not given here: the copy of the paper in shared/papers holds
+only its abstract, so they could not be checked.
+
+The reference code (``janghyuncho/PiCIE`` ``train_picie.py`` and ``commons.py``, seed-methods.md
+sections 1.4 and 1.6), and its options:
+
+- logits = ``<normalize(f), c>``, frozen 1x1 convolutions holding the centroids, no bias, no
+  temperature; ``loss = (L_cross / 2 + L_within / 2) / 2``, i.e. the paper's L / 4 with every
+  term a mean over pixels. lussray keeps these means.
+- ``balance`` (reference default; off with ``--no_balance``): the cross-entropy of a view is
+  weighted by its cluster *frequencies* ``counts / counts.sum()`` (not inverse frequencies; see
+  :func:`class_weights`), as torch's weighted mean.
+- ``--mse``: ``loss = (loss + MSE(normalize(f1), normalize(f2))) / 2``.
+- k-means: cosine metric, i.e. faiss L2 k-means on the normalised embeddings: Lloyd iterations on
+  the first ``num_init_batches`` batches, then one running-mean (Sculley) update per further batch
+  (:func:`minibatch_update`); labels are ``argmin ||f - c||^2`` over the raw (unnormalised)
+  centroids.
+
+Deviations (each selectable): ``spherical=True`` (the default here) L2-normalises the centroids
+after every update, so the assignment, the label assignment and the logits all use the same
+cosine similarity, as the brief asks ("L2-normalised features and centroids");
+``spherical=False`` keeps the reference's raw mean centroids (norm < 1), its squared-L2 assignment
+and its logits ``<z, c>``. Empty clusters in a Lloyd update are re-seeded exactly as faiss does
+(:func:`lussray.cluster.lloyd.update_centroids`); in a mini-batch update they keep their centroid,
+as the reference's. The over-clustering variant "PiCIE + H" of [0] is read here as a second set of
+centroids (more clusters) on the same embeddings whose loss is averaged with the main one
+(:func:`picie_multihead_loss`); the reference code has no such option, so this is lussray's reading.
+
+Distribution: per-cluster sums and counts are additive over disjoint sets of pixels, so workers
+compute :class:`ClusterStats` on their own pixels and :func:`all_reduce_stats` combines them; the
+update is then the one a single process would make on all pixels.
+
+References:
+    - [0]: PiCIE, Cho et al., CVPR 2021, arXiv:2103.17070.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lussray.cluster.lloyd import PartialStats, update_centroids
+
+#: Rows per chunk in nearest-centroid searches (bounds the (chunk, K) score matrix).
+ASSIGN_CHUNK_ROWS = 65536
+
+BALANCE_MODES = ("frequency", "none")
+
+
+# -- k-means ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterStats:
+    """Sufficient statistics of a set of pixels against K centroids (additive over disjoint sets).
+
+    Attributes:
+        sums: (K, D) float64, sum of the pixels assigned to each centroid.
+        counts: (K,) int64, pixels per centroid.
+        sq_distance: () float64, sum of squared L2 distances to the assigned centroids (the
+            k-means objective of Eq. (1)).
+    """
+
+    sums: Tensor
+    counts: Tensor
+    sq_distance: Tensor
+
+    def __add__(self, other: ClusterStats) -> ClusterStats:
+        """The statistics of the union of two disjoint sets."""
+        return ClusterStats(self.sums + other.sums, self.counts + other.counts, self.sq_distance + other.sq_distance)
+
+    @property
+    def num_points(self) -> int:
+        """Number of pixels covered."""
+        return int(self.counts.sum())
+
+    def to_partial_stats(self) -> PartialStats:
+        """The same statistics as :class:`lussray.cluster.lloyd.PartialStats` (numpy)."""
+        return PartialStats(self.sums.detach().cpu().double().numpy(), self.counts.detach().cpu().long().numpy(),
+                            float(self.sq_distance))
+
+
+def normalize(x: Tensor, dim: int = -1) -> Tensor:
+    """L2-normalise along ``dim`` (``F.normalize``: eps 1e-12, zero vectors stay zero)."""
+    return F.normalize(x, p=2.0, dim=dim)
+
+
+def assign(
+    features: Tensor, centroids: Tensor, spherical: bool = True, chunk_rows: int = ASSIGN_CHUNK_ROWS
+) -> tuple[Tensor, Tensor]:
+    """Nearest centroid of every (L2-normalised) feature.
+
+    With ``spherical`` the centroids are unit vectors and the nearest one maximises the cosine;
+    otherwise it minimises the squared L2 distance to the raw centroid, ``||f||^2 - 2 <f, c> +
+    ||c||^2`` (the reference's label assignment). For unit centroids both agree. Ties go to the
+    lowest index.
+
+    Args:
+        features: (N, D), L2-normalised by the caller.
+        centroids: (K, D).
+        spherical: Use the cosine (centroids are normalised here as well).
+        chunk_rows: Rows scored at a time.
+
+    Returns:
+        ``(ids, sq_distances)``: (N,) int64 and (N,) float32 squared L2 distances of the features to
+        their (normalised, when spherical) centroids.
+    """
+    centroids = normalize(centroids.to(features.dtype)) if spherical else centroids.to(features.dtype)
+    c_sq = (centroids * centroids).sum(dim=1)  # (K,)
+    ids, distances = [], []
+    for start in range(0, len(features), chunk_rows):
+        chunk = features[start : start + chunk_rows]
+        sq = (chunk * chunk).sum(dim=1, keepdim=True) - 2.0 * chunk @ centroids.T + c_sq  # (n, K)
+        best, idx = sq.min(dim=1)
+        ids.append(idx)
+        distances.append(best.clamp_min(0.0))
+    if not ids:
+        return features.new_zeros(0, dtype=torch.long), features.new_zeros(0)
+    return torch.cat(ids), torch.cat(distances).float()
+
+
+def cluster_stats(features: Tensor, ids: Tensor, sq_distances: Tensor, k: int) -> ClusterStats:
+    """Per-cluster sums and counts and the objective of assigned pixels (in float64).
+
+    Args:
+        features: (N, D) features.
+        ids: (N,) cluster ids in [0, K).
+        sq_distances: (N,) squared distances to the assigned centroids.
+        k: Number of clusters K.
+
+    Returns:
+        The :class:`ClusterStats`, on the features' device.
+    """
+    sums = torch.zeros(k, features.shape[1], dtype=torch.float64, device=features.device)
+    sums.index_add_(0, ids, features.double())
+    counts = torch.bincount(ids, minlength=k).long()
+    return ClusterStats(sums, counts, sq_distances.double().sum())
+
+
+def all_reduce_stats(stats: ClusterStats, group: object | None = None) -> ClusterStats:
+    """Sum the statistics over the workers of a ``torch.distributed`` group, in place.
+
+    A no-op (returns ``stats``) when ``torch.distributed`` is not initialised, so single-process
+    code and tests call it unchanged. With the gloo backend the tensors must be on the CPU.
+
+    Args:
+        stats: This worker's statistics.
+        group: Process group (None: the default group).
+
+    Returns:
+        ``stats``, now holding the sums over all workers.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return stats
+    for tensor in (stats.sums, stats.counts, stats.sq_distance):
+        torch.distributed.all_reduce(tensor, group=group)
+    return stats
+
+
+def lloyd_update(stats: ClusterStats, spherical: bool = True) -> tuple[Tensor, int]:
+    """The Lloyd M-step from (all-reduced) statistics: means, faiss's empty-cluster split.
+
+    Reuses :func:`lussray.cluster.lloyd.update_centroids` (numpy; K x D is small), so the result is
+    the faiss ``Clustering`` update of the sharded k-means actors.
+
+    Args:
+        stats: Statistics of all pixels.
+        spherical: L2-normalise the centroids.
+
+    Returns:
+        ``(centroids, num_splits)``: (K, D) float32 on the statistics' device, and the number of
+        empty clusters re-seeded.
+    """
+    centroids, num_splits = update_centroids(stats.to_partial_stats(), spherical)
+    return torch.from_numpy(centroids).to(stats.sums.device), num_splits
+
+
+def minibatch_update(
+    centroids: Tensor, running_counts: Tensor, stats: ClusterStats, spherical: bool = True
+) -> tuple[Tensor, Tensor]:
+    """The reference's mini-batch (running-mean) update of the centroids by one batch.
+
+    For every cluster k with n_k > 0 pixels in the batch: ``N_k += n_k``,
+    ``c_k <- (1 - n_k / N_k) c_k + (n_k / N_k) mean_k``, i.e. ``c_k + (sum_k - n_k c_k) / N_k``.
+    Clusters absent from the batch are unchanged. Given all-reduced statistics, every worker makes
+    the update a single process makes on the concatenated batch.
+
+    Args:
+        centroids: (K, D) current centroids.
+        running_counts: (K,) pixels seen so far per cluster (the reference starts them at the
+            counts of the initial clustering).
+        stats: The batch's statistics (assigned with ``centroids``).
+        spherical: L2-normalise the updated centroids (lussray's default; the reference does not).
+
+    Returns:
+        ``(centroids, running_counts)``, new tensors (float32 and int64).
+    """
+    counts = running_counts.long() + stats.counts.to(running_counts.device)
+    present = stats.counts > 0
+    old = centroids.double()
+    step = (stats.sums - stats.counts[:, None].double() * old) / counts.clamp_min(1)[:, None].double()
+    new = torch.where(present[:, None], old + step, old).float()
+    return (normalize(new) if spherical else new), counts
+
+
+def init_centroids(features: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """K distinct random rows of ``features`` as initial centroids (seeded).
+
+    Args:
+        features: (N, D) with N >= K.
+        k: Number of clusters.
+        generator: A seeded CPU ``torch.Generator``.
+
+    Returns:
+        (K, D) copy of the chosen rows.
+
+    Raises:
+        ValueError: If there are fewer than K rows.
+    """
+    if len(features) < k:
+        raise ValueError(f"cannot initialise {k} centroids from {len(features)} points")
+    rows = torch.randperm(len(features), generator=generator)[:k].to(features.device)
+    return features[rows].clone()
+
+
+def lloyd(
+    features: Tensor,
+    centroids: Tensor,
+    num_iters: int,
+    spherical: bool = True,
+    reduce: Callable[[ClusterStats], ClusterStats] = all_reduce_stats,
+) -> tuple[Tensor, list[float]]:
+    """Lloyd iterations on this worker's features, the statistics combined by ``reduce``.
+
+    With the default ``reduce`` and an initialised process group every worker runs the k-means of
+    the union of the workers' features (same initial centroids required); without one, the
+    single-process k-means.
+
+    Args:
+        features: (N, D) L2-normalised features of this worker.
+        centroids: (K, D) initial centroids (identical on every worker).
+        num_iters: Number of iterations.
+        spherical: Cosine k-means (see :func:`assign`).
+        reduce: Combines the workers' statistics.
+
+    Returns:
+        ``(centroids, objectives)``: the final (K, D) float32 centroids and the mean squared
+        distance of each iteration's assignment (before its update).
+    """
+    objectives = []
+    for _ in range(num_iters):
+        ids, sq = assign(features, centroids, spherical)
+        stats = reduce(cluster_stats(features, ids, sq, len(centroids)))
+        objectives.append(float(stats.sq_distance) / max(stats.num_points, 1))
+        centroids, _ = lloyd_update(stats, spherical)
+        centroids = centroids.to(features.device)
+    return centroids, objectives
+
+
+def flatten_pixels(feature_map: Tensor) -> Tensor:
+    """(B, D, h, w) -> (B*h*w, D) L2-normalised pixel features (row order b, y, x)."""
+    return normalize(feature_map.detach().permute(0, 2, 3, 1).reshape(-1, feature_map.shape[1]))
+
+
+def assign_labels(feature_map: Tensor, centroids: Tensor, spherical: bool = True) -> Tensor:
+    """Label every pixel with its nearest centroid: the targets of the next epoch.
+
+    Args:
+        feature_map: (B, D, h, w) embeddings (normalised here).
+        centroids: (K, D).
+        spherical: See :func:`assign`.
+
+    Returns:
+        (B, h, w) int64 labels.
+    """
+    batch, _, height, width = feature_map.shape
+    ids, _ = assign(flatten_pixels(feature_map), centroids, spherical)
+    return ids.view(batch, height, width)
+
+
+def class_weights(counts: Tensor, balance: str = "frequency") -> Tensor | None:
+    """The cross-entropy class weights of a view from its label counts.
+
+    ``"frequency"`` is the reference's default: ``counts / counts.sum()``. Frequent clusters thus
+    weigh *more* (the name "balance" suggests the opposite; this is what the reference computes).
+    ``"none"`` is its ``--no_balance``.
+
+    Args:
+        counts: (K,) pixels per cluster over the epoch's label assignment.
+        balance: ``"frequency"`` or ``"none"``.
+
+    Returns:
+        (K,) float32 weights, or None.
+
+    Raises:
+        ValueError: On an unknown mode.
+    """
+    if balance not in BALANCE_MODES:
+        raise ValueError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
+    if balance == "none":
+        return None
+    counts = counts.double()
+    return (counts / counts.sum().clamp_min(1.0)).float()
+
+
+# -- loss ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterTargets:
+    """The fixed clustering of one view for an epoch: centroids, this batch's labels, weights.
+
+    Attributes:
+        centroids: (K, D) centroids of the view (no gradient).
+        labels: (B, h, w) int64 cluster of every pixel of the view (-1: ignored).
+        weight: (K,) cross-entropy class weights, or None (see :func:`class_weights`).
+    """
+
+    centroids: Tensor
+    labels: Tensor
+    weight: Tensor | None = None
+
+
+def cluster_logits(features: Tensor, centroids: Tensor, spherical: bool = True) -> Tensor:
+    """The logits of Eq. (3): ``<normalize(z), mu_l>`` for every pixel and centroid.
+
+    Args:
+        features: (B, D, h, w) embeddings (normalised here).
+        centroids: (K, D) centroids, detached (they are fixed during the epoch).
+        spherical: Normalise the centroids too (cosine); False keeps the reference's raw centroids.
+
+    Returns:
+        (B, K, h, w) logits.
+    """
+    centroids = centroids.detach().to(features.dtype)
+    if spherical:
+        centroids = normalize(centroids)
+    return torch.einsum("bdhw,kd->bkhw", normalize(features, dim=1), centroids)
+
+
+def clustering_ce(features: Tensor, targets: ClusterTargets, spherical: bool = True) -> Tensor:
+    """``L_clust`` of Eq. (3), averaged over pixels (weighted mean when ``targets.weight``).
+
+    Args:
+        features: (B, D, h, w) embeddings.
+        targets: Centroids, labels (B, h, w) and optional class weights.
+        spherical: See :func:`cluster_logits`.
+
+    Returns:
+        The scalar loss.
+    """
+    logits = cluster_logits(features, targets.centroids, spherical)
+    weight = None if targets.weight is None else targets.weight.to(logits.device, logits.dtype)
+    return F.cross_entropy(logits, targets.labels.long(), weight=weight, ignore_index=-1)
+
+
+def picie_loss(
+    features1: Tensor,
+    features2: Tensor,
+    view1: ClusterTargets,
+    view2: ClusterTargets,
+    *,
+    spherical: bool = True,
+    mse: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PiCIE's multi-view loss: within-view and cross-view clustering cross-entropies.
+
+    ``within = (L_clust(z1, y1, mu1) + L_clust(z2, y2, mu2)) / 2`` (invariance to the photometric
+    change within each view's own clustering), ``cross = (L_clust(z1, y2, mu2) + L_clust(z2, y1,
+    mu1)) / 2`` (each view must predict the other's clusters: photometric invariance and geometric
+    equivariance, since z2 = G(f(P2 x)) is aligned with z1 = f(G(P1 x))), ``loss = (within +
+    cross) / 2``: the paper's ``L_within + L_cross`` divided by 4, as the reference computes it.
+
+    Args:
+        features1: (B, D, h, w) z1, view 1's embeddings of the transformed image.
+        features2: (B, D, h, w) z2, view 2's transformed feature map (same pixels as z1).
+        view1: View 1's centroids mu1 and labels y1 (from clustering z1 before the step).
+        view2: View 2's centroids mu2 and labels y2.
+        spherical: See :func:`cluster_logits`.
+        mse: The reference's ``--mse``: ``loss = (loss + MSE(normalize(z1), normalize(z2))) / 2``.
+
+    Returns:
+        ``(loss, parts)`` with parts ``within``, ``cross`` (and ``mse``), detached.
+
+    Raises:
+        ValueError: If the two feature maps differ in shape.
+    """
+    if features1.shape != features2.shape:
+        raise ValueError(f"the two views' feature maps differ: {tuple(features1.shape)} vs {tuple(features2.shape)}")
+    within = (clustering_ce(features1, view1, spherical) + clustering_ce(features2, view2, spherical)) / 2
+    cross = (clustering_ce(features1, view2, spherical) + clustering_ce(features2, view1, spherical)) / 2
+    loss = (within + cross) / 2
+    parts = {"within": within.detach(), "cross": cross.detach()}
+    if mse:
+        mse_term = F.mse_loss(normalize(features1, dim=1), normalize(features2, dim=1))
+        loss = (loss + mse_term) / 2
+        parts["mse"] = mse_term.detach()
+    return loss, parts
+
+
+def picie_multihead_loss(
+    features1: Tensor,
+    features2: Tensor,
+    heads: Sequence[tuple[ClusterTargets, ClusterTargets]],
+    *,
+    spherical: bool = True,
+    mse: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """"PiCIE + H": the mean of :func:`picie_loss` over clusterings of the same embeddings.
+
+    ``heads[0]`` is the main clustering (K = number of classes); further entries are
+    over-clusterings (larger K). The MSE term, if any, enters once.
+
+    Args:
+        features1: See :func:`picie_loss`.
+        features2: See :func:`picie_loss`.
+        heads: (view 1, view 2) targets per clustering, at least one.
+        spherical: See :func:`cluster_logits`.
+        mse: See :func:`picie_loss`.
+
+    Returns:
+        ``(loss, parts)``; parts are ``within``/``cross`` of the main head and ``head{i}`` losses.
+
+    Raises:
+        ValueError: If ``heads`` is empty.
+    """
+    if not heads:
+        raise ValueError("picie_multihead_loss needs at least one head")
+    losses, parts = [], {}
+    for i, (view1, view2) in enumerate(heads):
+        loss, head_parts = picie_loss(features1, features2, view1, view2, spherical=spherical)
+        losses.append(loss)
+        parts[f"head{i}"] = loss.detach()
+        if i == 0:
+            parts.update(head_parts)
+    total = torch.stack(losses).mean()
+    if mse:
+        mse_term = F.mse_loss(normalize(features1, dim=1), normalize(features2, dim=1))
+        total = (total + mse_term) / 2
+        parts["mse"] = mse_term.detach()
+    return total, parts
+
+
+def label_counts(labels: Tensor, k: int) -> Tensor:
+    """(K,) int64 number of pixels per cluster in a label tensor (ignoring -1)."""
+    flat = labels.reshape(-1)
+    return torch.bincount(flat[flat >= 0], minlength=k).long()
+
+
+__all__ = [
+    "ASSIGN_CHUNK_ROWS",
+    "BALANCE_MODES",
+    "ClusterStats",
+    "ClusterTargets",
+    "all_reduce_stats",
+    "assign",
+    "assign_labels",
+    "class_weights",
+    "cluster_logits",
+    "cluster_stats",
+    "clustering_ce",
+    "flatten_pixels",
+    "init_centroids",
+    "label_counts",
+    "lloyd",
+    "lloyd_update",
+    "minibatch_update",
+    "normalize",
+    "picie_loss",
+    "picie_multihead_loss",
+]
