@@ -69,6 +69,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def config_method(args: argparse.Namespace) -> str:
+    """The method whose config layers apply: ``--method`` of ``lussray run``, else PASS (every other command's)."""
+    from lussray.pipelines import DEFAULT_METHOD, method_module
+
+    name = getattr(args, "method", None) or DEFAULT_METHOD
+    if args.command == "run":
+        method_module(name)  # an unknown or unbuilt method is refused before any config work
+        return name
+    return DEFAULT_METHOD
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lussray`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -80,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        config = load_config(args.dataset, args.config, args.overrides)
+        config = load_config(args.dataset, args.config, args.overrides, method=config_method(args))
         if args.dry_run:
             print(to_yaml(config), end="")
             return 0

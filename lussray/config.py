@@ -1,7 +1,8 @@
 """Configuration: one typed schema, YAML presets, experiment files and ``key=value`` overrides.
 
 Load order (later wins): the schema defaults, ``configs/base.yaml``,
-``configs/dataset/<name>.yaml``, an experiment file (``--config``), dotlist overrides.
+``configs/dataset/<name>.yaml``, ``configs/method/<method>.yaml``, ``configs/method/<method>/<name>.yaml``
+(where present), an experiment file (``--config``), dotlist overrides.
 Every layer is validated against the schema, so an unknown key or a value of the wrong
 type is a :class:`ConfigError` that names the key and the file it came from. The merged result
 is then checked value by value: each numeric field is declared with :func:`ranged` (its allowed
@@ -27,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 DATASET_DIR = CONFIG_ROOT / "dataset"
+METHOD_DIR = CONFIG_ROOT / "method"
 BASE_FILE = CONFIG_ROOT / "base.yaml"
 
 
@@ -267,7 +269,7 @@ class LabelgenConfig:
     # train-semi (labelled training images) keeps validation untouched by every stage.
     tau_split: str = one_of("validation", ("validation", "train-semi"))
     # What tau thresholds: "absolute" scores (the reference) or "image", each image's scores min-max
-    # rescaled to [0, 1] (lussray.cluster.pixel_labels.SCORE_SCALES).
+    # rescaled to [0, 1] (lussray.clustering.pixel_labels.SCORE_SCALES).
     score_scale: str = one_of("absolute", ("absolute", "image"))
     tau_min: float = ranged(0.0, 0, 1)
     tau_max: float = ranged(0.8, 0, 1)
@@ -477,17 +479,37 @@ def _load_yaml(path: Path) -> DictConfig:
     return layer
 
 
+def method_files(method: str, dataset: str) -> list[Path]:
+    """The config layers of ``method``: ``configs/method/<method>.yaml``, then its ``<method>/<dataset>.yaml`` if any.
+
+    Raises:
+        ConfigError: if the method has no config file.
+    """
+    path = METHOD_DIR / f"{method}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
+        raise ConfigError(f"no config for method {method!r} ({path}); methods with a config: {', '.join(known)}")
+    per_dataset = METHOD_DIR / method / f"{dataset}.yaml"
+    return [path, per_dataset] if per_dataset.is_file() else [path]
+
+
 def load_config(
     dataset: str = "synthetic-demo",
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    method: str = "pass",
 ) -> LussConfig:
     """Resolve the configuration of a run.
+
+    Layers, later wins: the schema defaults, ``configs/base.yaml``, the dataset preset, the method's
+    ``configs/method/<method>.yaml``, its ``configs/method/<method>/<dataset>.yaml`` (if present), the
+    experiment file, the overrides.
 
     Args:
         dataset: a preset name from configs/dataset/.
         config_file: an experiment YAML overriding the preset.
         overrides: ``key=value`` strings (omegaconf dotlist), e.g. ``pretrain.loop.base_lr=0.3``.
+        method: the method whose layers are merged after the dataset preset (``lussray run --method``).
 
     Raises:
         ConfigError: naming the file and key of the first value that does not fit the schema.
@@ -496,6 +518,8 @@ def load_config(
     merged = _merge_layer(merged, _load_yaml(BASE_FILE), str(BASE_FILE))
     dataset_path = dataset_file(dataset)
     merged = _merge_layer(merged, _load_yaml(dataset_path), str(dataset_path))
+    for path in method_files(method, dataset):
+        merged = _merge_layer(merged, _load_yaml(path), str(path))
     if config_file is not None:
         merged = _merge_layer(merged, _load_yaml(Path(config_file)), str(config_file))
     for item in overrides:

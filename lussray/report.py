@@ -110,7 +110,7 @@ def _prediction(run: str, folder: str, key: str) -> np.ndarray | None:
 def sample_panels(config: LussConfig, data: str, run: str, num_samples: int) -> list[list[tuple[str, np.ndarray]]]:
     """Per validation sample: (caption, RGB panel at PANEL_HEIGHT) for image, ground truth, attention,
     pseudo label, prediction and prediction + CRF (those that exist)."""
-    from lussray.cluster.pixel_labels import apply_threshold
+    from lussray.clustering.pixel_labels import apply_threshold
     from lussray.data.augment import decode_image
     from lussray.stages.labelgen import pixel_labeler
 

@@ -6,12 +6,12 @@
 
 1. Data: ``--points`` seeded standard-normal float32 vectors of ``--dim`` dimensions in ``--files``
    embedding parquet files (the label-generation contract), cached under ``--out`` and reused.
-2. Sharded: :func:`lussray.cluster.kmeans.sharded_kmeans` with ``--actors`` actors of one CPU and
+2. Sharded: :func:`lussray.clustering.kmeans.sharded_kmeans` with ``--actors`` actors of one CPU and
    one faiss thread each (rows L2-normalised on load, as label generation does).
 3. faiss: ``faiss.Kmeans`` in one process on the same normalised rows, ``--threads`` threads,
    ``max_points_per_centroid`` out of reach (no subsampling). Both sample the same initial rows
    (same seed, ``nredo=1``); the tests show they agree to 1e-4. The baseline uses the OpenBLAS
-   kernels the actors choose (:func:`lussray.cluster.kmeans.openblas_env`: SkylakeX on AVX-512
+   kernels the actors choose (:func:`lussray.clustering.kmeans.openblas_env`: SkylakeX on AVX-512
    CPUs, where faiss-cpu's bundled OpenBLAS 0.3.15 falls back to SSE3); one more run shows
    faiss as installed.
 4. GEMM bound: ``2 N K D`` flops per iteration at the float32 matmul rate numpy reaches here with
@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lussray.cluster.kmeans import openblas_env
+from lussray.clustering.kmeans import openblas_env
 
 SEED = 0
 KMEANS_SEED = 1234
@@ -90,7 +90,7 @@ def run_sharded(paths: list[str], k: int, niter: int, actors: int, out: Path) ->
     """Sharded k-means in a fresh Ray cluster of ``actors`` CPUs."""
     import ray
 
-    from lussray.cluster.kmeans import sharded_kmeans
+    from lussray.clustering.kmeans import sharded_kmeans
 
     ray.init(num_cpus=actors, include_dashboard=False, log_to_driver=False)
     result = sharded_kmeans(paths, k, num_actors=actors, niter=niter, seed=KMEANS_SEED, cpus_per_actor=1.0)
@@ -105,8 +105,8 @@ def run_faiss(paths: list[str], k: int, niter: int, threads: int, out: Path) -> 
     """faiss.Kmeans in this process on all rows (normalised as the actors do)."""
     import faiss
 
-    from lussray.cluster.kmeans import ROW_NORM_EPS, read_embeddings_parquet
-    from lussray.cluster.lloyd import normalize_rows
+    from lussray.clustering.kmeans import ROW_NORM_EPS, read_embeddings_parquet
+    from lussray.clustering.lloyd import normalize_rows
 
     faiss.omp_set_num_threads(threads)
     x = np.concatenate([normalize_rows(read_embeddings_parquet(path)[1], ROW_NORM_EPS) for path in paths])
@@ -123,7 +123,7 @@ def run_faiss(paths: list[str], k: int, niter: int, threads: int, out: Path) -> 
 
 def run_rates(dim: int, k: int) -> dict:
     """float32 GEMM rate, per-row cost of the per-cluster sums, and the driver update at 2048 x 919."""
-    from lussray.cluster import lloyd
+    from lussray.clustering import lloyd
 
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((16384, dim), np.float32), rng.standard_normal((dim, k), np.float32)

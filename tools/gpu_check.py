@@ -15,7 +15,7 @@ and the rest still run):
   next to the single-process codes, and the S50 PASS step wrapped in DDP with distributed Sinkhorn;
 - ``kmeans``: one Lloyd assignment plus per-cluster sums and counts in torch on the device
   (1M x 128, K=1000), next to the CPU path (torch matmul search, then
-  :func:`lussray.cluster.lloyd.block_stats`) and the host-to-device copy of the points;
+  :func:`lussray.clustering.lloyd.block_stats`) and the host-to-device copy of the points;
 - ``jpeg_decode``: ``torchvision.io.decode_jpeg`` on the device (batched) next to the CPU
   decoders (:func:`lussray.data.augment.decode_image`, torchvision's CPU decode);
 - ``inference_<preset>``: the label-generation embedding (``cluster_embedding``), the segmenter's
@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from lussray.cluster.lloyd import SUM_CHUNK_ROWS, block_stats  # noqa: E402
+from lussray.clustering.lloyd import SUM_CHUNK_ROWS, block_stats  # noqa: E402
 from lussray.data import augment  # noqa: E402
 from lussray.methods.knn import dense_features, knn_vote  # noqa: E402
 from lussray.methods.pass_ import PASSMethod  # noqa: E402
@@ -411,7 +411,7 @@ def assign_and_sum(points: Tensor, centroids: Tensor, chunk: int) -> tuple[Tenso
     """One Lloyd E-step where the points live: nearest centroid (squared L2), per-cluster sums and counts.
 
     Distances are ``|c|^2 - 2 x.c`` plus ``|x|^2`` (one GEMM per chunk); sums are float32 within
-    a chunk and float64 across chunks, as ``lussray.cluster.lloyd.block_stats``.
+    a chunk and float64 across chunks, as ``lussray.clustering.lloyd.block_stats``.
 
     Returns:
         ``(ids, distances, sums, counts)``: (n,) int64, (n,) float32 squared distances, (K, D)

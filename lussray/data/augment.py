@@ -636,6 +636,40 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size].copy()
 
 
+def evaluation_view(image: np.ndarray, label: np.ndarray | None, short_side: int,
+                    crop_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scene protocols' evaluation transform: shorter side to ``short_side``, then the central crop.
+
+    As the references' ``Resize(320)`` + ``CenterCrop(320)`` (PiCIE, STEGO, HP): the image bilinear,
+    the label nearest-neighbour through the same crop rectangle in original coordinates, so both stay
+    aligned pixel for pixel; predictions are then scored at ``crop_size`` x ``crop_size``.
+
+    Args:
+        image: uint8 (H, W, 3).
+        label: int (H, W) ground truth at the image's size, or None.
+        short_side: the shorter side after resizing; at least ``crop_size``.
+        crop_size: the side of the central crop.
+
+    Raises:
+        ValueError: if ``short_side < crop_size`` (the crop would need padding).
+    """
+    if short_side < crop_size:
+        raise ValueError(f"evaluation crop {crop_size} is larger than the resized shorter side {short_side}")
+    resized = resize_shorter_side(image, short_side)
+    cropped = center_crop(resized, crop_size)
+    if label is None:
+        return cropped, None
+    scale = resized.shape[0] / image.shape[0], resized.shape[1] / image.shape[1]
+    top = int(round((resized.shape[0] - crop_size) / 2.0))
+    left = int(round((resized.shape[1] - crop_size) / 2.0))
+    box = CropBox(top / scale[0], left / scale[1], crop_size / scale[0], crop_size / scale[1])
+    rows = np.clip(np.floor(box.top + (np.arange(crop_size) + 0.5) * box.height / crop_size).astype(np.int64),
+                   0, label.shape[0] - 1)
+    cols = np.clip(np.floor(box.left + (np.arange(crop_size) + 0.5) * box.width / crop_size).astype(np.int64),
+                   0, label.shape[1] - 1)
+    return cropped, label[rows[:, None], cols[None, :]]
+
+
 # -- numpy <-> PIL ----------------------------------------------------------------------------
 
 

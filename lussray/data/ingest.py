@@ -80,16 +80,26 @@ def pair_batch(batch: dict[str, np.ndarray], *, crop_size: int, min_scale: float
     return {"image": np.stack(images), "label": np.stack(labels).astype(np.int32), "key": batch["__key__"]}
 
 
-def evaluation_batch(batch: dict[str, np.ndarray], *, short_side: int) -> dict[str, Any]:
-    """Decode images, resize their shorter side; keep the key, original size and ground truth."""
+def evaluation_batch(batch: dict[str, np.ndarray], *, short_side: int, crop_size: int | None = None) -> dict[str, Any]:
+    """Decode images, resize their shorter side; keep the key, original size and ground truth.
+
+    With ``crop_size`` (the scene protocols), image and ground truth are also centre-cropped
+    (:func:`lussray.data.augment.evaluation_view`) and the crop is the size predictions are scored at.
+    """
     images, sizes, labels = [], [], []
     has_labels = LABEL_MEMBER in batch
     for i, data in enumerate(batch[IMAGE_MEMBER]):
         image = augment.decode_image(data)
-        sizes.append(image.shape[:2])
-        images.append(augment.resize_shorter_side(image, short_side))
+        label = label_from_png_bytes(batch[LABEL_MEMBER][i]) if has_labels else None
+        if crop_size:
+            image, label = augment.evaluation_view(image, label, short_side, crop_size)
+            sizes.append(image.shape[:2])
+            images.append(image)
+        else:
+            sizes.append(image.shape[:2])
+            images.append(augment.resize_shorter_side(image, short_side))
         if has_labels:
-            labels.append(label_from_png_bytes(batch[LABEL_MEMBER][i]))
+            labels.append(label)
     out: dict[str, Any] = {
         "key": batch["__key__"],
         "image": _ragged(images),
@@ -175,11 +185,11 @@ def segmentation_pairs(data: str, split: str, ingest: Any):
     )
 
 
-def evaluation_images(data: str, split: str, ingest: Any):
-    """Images resized on their shorter side, with original size and ground truth."""
+def evaluation_images(data: str, split: str, ingest: Any, crop_size: int | None = None):
+    """Images resized on their shorter side (and centre-cropped to ``crop_size``), with size and ground truth."""
     return read_split(data, split, members=(IMAGE_MEMBER, LABEL_MEMBER)).map_batches(
         evaluation_batch,
-        fn_kwargs={"short_side": ingest.eval_short_side},
+        fn_kwargs={"short_side": ingest.eval_short_side, "crop_size": crop_size},
         batch_size=ingest.map_batch_size,
         batch_format="numpy",
         num_cpus=ingest.cpus_per_map_task,

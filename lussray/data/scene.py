@@ -309,11 +309,6 @@ def prepare(args: Any, config: Any) -> int:
             max_shard_bytes=config.dataset.max_shard_bytes, workers=args.workers, limits=limits,
             overwrite=getattr(args, "overwrite", False), samples=dataset.splits[split],
             convert_label=dataset.convert_label)
-        skipped = manifest["skipped"]
-        total_skipped += len(skipped)
-        print(f"prepare {split}: {manifest['num_samples']} samples in {manifest['num_shards']} shards, "
-              f"{len(skipped)} skipped", flush=True)
-        for item in skipped[:5]:
-            print(f"  skipped {item['path']}: {item['reason']}", flush=True)
+        total_skipped += shards.report_split(manifest, args.out, split)
     print(f"prepare: done -> {args.out} ({total_skipped} images skipped)", flush=True)
     return 0

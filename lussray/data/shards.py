@@ -571,16 +571,21 @@ def run(args: argparse.Namespace, config: Any) -> int:
             max_shard_bytes=config.dataset.max_shard_bytes, workers=args.workers, limits=limits,
             overwrite=getattr(args, "overwrite", False),
         )
-        skipped = manifest["skipped"]
-        total_skipped += len(skipped)
-        print(f"prepare {split}: {manifest['num_samples']} samples in {manifest['num_shards']} shards, "
-              f"{len(skipped)} skipped", flush=True)
-        for item in skipped[:5]:
-            print(f"  skipped {item['path']}: {item['reason']}", flush=True)
-        if len(skipped) > 5:
-            print(f"  ... and {len(skipped) - 5} more, listed in {storage.join(args.out, split, MANIFEST)}")
+        total_skipped += report_split(manifest, args.out, split)
     print(f"prepare: done -> {args.out} ({total_skipped} images skipped)", flush=True)
     return 0
+
+
+def report_split(manifest: dict[str, Any], out: str, split: str) -> int:
+    """Print what ``prepare`` wrote for ``split`` and the first skipped images; returns the skipped count."""
+    skipped = manifest["skipped"]
+    print(f"prepare {split}: {manifest['num_samples']} samples in {manifest['num_shards']} shards, "
+          f"{len(skipped)} skipped", flush=True)
+    for item in skipped[:5]:
+        print(f"  skipped {item['path']}: {item['reason']}", flush=True)
+    if len(skipped) > 5:
+        print(f"  ... and {len(skipped) - 5} more, listed in {storage.join(out, split, MANIFEST)}", flush=True)
+    return len(skipped)
 
 
 def read_manifest(data: str, split: str) -> dict[str, Any]:

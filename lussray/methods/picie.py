@@ -39,7 +39,7 @@ after every update, so the assignment, the label assignment and the logits all u
 cosine similarity, as the brief asks ("L2-normalised features and centroids");
 ``spherical=False`` keeps the reference's raw mean centroids (norm < 1), its squared-L2 assignment
 and its logits ``<z, c>``. Empty clusters in a Lloyd update are re-seeded exactly as faiss does
-(:func:`lussray.cluster.lloyd.update_centroids`); in a mini-batch update they keep their centroid,
+(:func:`lussray.clustering.lloyd.update_centroids`); in a mini-batch update they keep their centroid,
 as the reference's. The over-clustering variant "PiCIE + H" of [0] is read here as a second set of
 centroids (more clusters) on the same embeddings whose loss is averaged with the main one
 (:func:`picie_multihead_loss`); the reference code has no such option, so this is lussray's reading.
@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lussray.cluster.lloyd import PartialStats, update_centroids
+from lussray.clustering.lloyd import PartialStats, update_centroids
 
 #: Rows per chunk in nearest-centroid searches (bounds the (chunk, K) score matrix).
 ASSIGN_CHUNK_ROWS = 65536
@@ -97,7 +97,7 @@ class ClusterStats:
         return int(self.counts.sum())
 
     def to_partial_stats(self) -> PartialStats:
-        """The same statistics as :class:`lussray.cluster.lloyd.PartialStats` (numpy)."""
+        """The same statistics as :class:`lussray.clustering.lloyd.PartialStats` (numpy)."""
         return PartialStats(self.sums.detach().cpu().double().numpy(), self.counts.detach().cpu().long().numpy(),
                             float(self.sq_distance))
 
@@ -182,7 +182,7 @@ def all_reduce_stats(stats: ClusterStats, group: object | None = None) -> Cluste
 def lloyd_update(stats: ClusterStats, spherical: bool = True) -> tuple[Tensor, int]:
     """The Lloyd M-step from (all-reduced) statistics: means, faiss's empty-cluster split.
 
-    Reuses :func:`lussray.cluster.lloyd.update_centroids` (numpy; K x D is small), so the result is
+    Reuses :func:`lussray.clustering.lloyd.update_centroids` (numpy; K x D is small), so the result is
     the faiss ``Clustering`` update of the sharded k-means actors.
 
     Args:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -91,22 +92,42 @@ def fingerprint(config: LussConfig, data: str, run: str, init_checkpoint: str) -
             "data": data_fingerprint(data, ["train"]), "init": checkpoint_fingerprint(init_checkpoint, run)}
 
 
-def run(args: argparse.Namespace, config: LussConfig) -> int:
-    """Train pixel attention on ``--data`` into ``--run`` (resuming when it holds a checkpoint of the same inputs)."""
+def train_attention(config: LussConfig, data: str, run: str, *, init: str | None = None,
+                    max_steps: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train pixel attention on ``data`` into ``<run>/attention`` (resuming a run of the same inputs).
+
+    Args:
+        config: the resolved config (``attention``, ``pretrain`` for the model, ``ingest``, ``ray``).
+        data: shards folder (absolute path or URI).
+        run: run folder (absolute path or URI).
+        init: the stage-1 checkpoint (default: the latest under ``<run>/pretrain``).
+        max_steps: stop after this many steps (checkpointing first).
+        overwrite: redo the stage when its folder holds outputs of other inputs.
+
+    Returns:
+        The stage summary: ``{"stage", "checkpoint", "init"}``.
+    """
     from lussray.data.ingest import init_ray, multicrop_views
     from lussray.stages.loop import fit, run_training
 
-    if not args.data or not args.run:
-        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
-    data, run_root = (storage.absolute(path) for path in (args.data, args.run))
-    init = stage1_checkpoint(run_root, storage.absolute(args.init) if args.init else None)
-    spec = build_spec(config, data, run_root, init, max_steps=args.max_steps)
+    init = stage1_checkpoint(run, init)
+    spec = build_spec(config, data, run, init, max_steps=max_steps)
 
     def start() -> None:
         init_ray(config.ray)
         dataset = multicrop_views(data, "train", config.attention.crops, config.pretrain.p2p_grid_size,
                                   config.ingest)
-        fit(spec, dataset, config.attention.loop, config.ingest, run_root)
+        fit(spec, dataset, config.attention.loop, config.ingest, run)
 
-    run_training(spec, fingerprint(config, data, run_root, init), overwrite=args.overwrite, start=start)
+    checkpoint = run_training(spec, fingerprint(config, data, run, init), overwrite=overwrite, start=start)
+    return {"stage": STAGE, "checkpoint": checkpoint, "init": init}
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """``lussray attention``: :func:`train_attention` on ``--data`` into ``--run``."""
+    if not args.data or not args.run:
+        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
+    train_attention(config, storage.absolute(args.data), storage.absolute(args.run),
+                    init=storage.absolute(args.init) if args.init else None, max_steps=args.max_steps,
+                    overwrite=args.overwrite)
     return 0

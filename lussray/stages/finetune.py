@@ -234,19 +234,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'random' (default: the latest under <run>/pretrain)")
 
 
-def run(args: argparse.Namespace, config: LussConfig) -> int:
-    """Fine-tune on the pseudo labels into ``<run>/finetune`` (resuming when it holds a checkpoint)."""
-    if not args.run:
-        raise UserError("--run DIR is required")
-    run_root = storage.absolute(args.run)
-    data = storage.absolute(args.data) if args.data else storage.join(run_root, *PSEUDO_LABELS)
+def finetune(config: LussConfig, run: str, *, data: str | None = None, init: str | None = None,
+             max_steps: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune on pseudo labels into ``<run>/finetune`` (resuming a run of the same inputs).
+
+    Args:
+        config: the resolved config (``finetune``, ``ingest``, ``pretrain.arch``, ``labelgen.num_clusters``, ``ray``).
+        run: run folder (absolute path or URI).
+        data: (image, label) shards (default ``<run>/labelgen/pseudo``).
+        init: the backbone: a checkpoint file, ``random``, or by default the latest under ``<run>/pretrain``.
+        max_steps: stop after this many steps (checkpointing first).
+        overwrite: redo the stage when its folder holds outputs of other inputs.
+
+    Returns:
+        The stage summary: ``{"stage", "checkpoint", "num_categories"}``.
+    """
+    data = data or storage.join(run, *PSEUDO_LABELS)
     if not storage.exists(storage.join(data, "train", MANIFEST)):
         raise UserError(f"no pseudo labels at {storage.join(data, 'train', MANIFEST)}: run `lussray labelgen` "
                         f"first, or pass --data with (image, label) shards")
     k = num_categories(config, data)
-    init = init_checkpoint(run_root, args.init)
-    check_backbone(init, config.pretrain.arch)
-    checkpoint = train_segmenter(config, data, run_root, init, num_outputs=k + 1, max_steps=args.max_steps,
-                                 overwrite=args.overwrite)
+    backbone = init_checkpoint(run, init)
+    check_backbone(backbone, config.pretrain.arch)
+    checkpoint = train_segmenter(config, data, run, backbone, num_outputs=k + 1, max_steps=max_steps,
+                                 overwrite=overwrite)
     print(f"[{STAGE}] checkpoint: {checkpoint}", flush=True)
+    return {"stage": STAGE, "checkpoint": checkpoint, "num_categories": k}
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """``lussray finetune``: :func:`finetune` into ``--run``."""
+    if not args.run:
+        raise UserError("--run DIR is required")
+    finetune(config, storage.absolute(args.run), data=storage.absolute(args.data) if args.data else None,
+             init=args.init, max_steps=args.max_steps, overwrite=args.overwrite)
     return 0

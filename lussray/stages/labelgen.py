@@ -10,7 +10,7 @@ Reads the latest ``<run>/attention`` checkpoint (or ``--checkpoint``) and writes
    (Resize + CenterCrop as the reference's clustering), one file per input shard, written by an
    actor pool (``map_batches`` with a callable class: the model is loaded once per actor).
 2. ``centroids.npy`` + ``kmeans.json``: k-means with K categories over Ray actors that each hold
-   only their part of the embeddings (:func:`lussray.cluster.kmeans.sharded_kmeans`).
+   only their part of the embeddings (:func:`lussray.clustering.kmeans.sharded_kmeans`).
 3. ``tau.json``: the "other" threshold, swept on ``labelgen.tau_split`` (validation, as the
    reference, or train-semi) against its ground truth with the evaluator's one-pass sweep, or fixed
    by ``labelgen.tau`` / ``--tau`` (data without ground truth).
@@ -207,7 +207,7 @@ class LabelShards(_ModelActor):
         """Cluster ids (1..K) and foreground scores at the image's own resolution."""
         import torch
 
-        from lussray.cluster.pixel_labels import assign_pixels, foreground_scores
+        from lussray.clustering.pixel_labels import assign_pixels, foreground_scores
         from lussray.data.augment import decode_image, resize_shorter_side
 
         image = decode_image(jpeg)
@@ -238,7 +238,7 @@ class LabelShards(_ModelActor):
         return {"num_images": len(stats), "stats": pickle.dumps(stats)}
 
     def _write(self, job: dict[str, Any]) -> dict[str, Any]:
-        from lussray.cluster.pixel_labels import apply_threshold, label_histogram
+        from lussray.clustering.pixel_labels import apply_threshold, label_histogram
         from lussray.data.imagenet_s import label_to_png_bytes
         from lussray.data.shards import iter_tar, write_tar
 
@@ -385,7 +385,7 @@ def cluster(config: LussConfig, files: list[str], outputs: Outputs, num_clusters
     if storage.exists(outputs.centroids):
         print(f"[{STAGE}] kmeans: done before, {outputs.centroids}", flush=True)
         return np.load(io.BytesIO(storage.read_bytes(outputs.centroids)))
-    from lussray.cluster.kmeans import sharded_kmeans
+    from lussray.clustering.kmeans import sharded_kmeans
 
     cfg = config.labelgen
     result = sharded_kmeans(files, num_clusters, num_actors=cfg.kmeans_actors, niter=cfg.kmeans_iterations,
@@ -500,29 +500,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fixed 'other' threshold in [0, 1] (default: labelgen.tau, else a sweep)")
 
 
-def run(args: argparse.Namespace, config: LussConfig) -> int:
-    """Generate the pseudo labels of ``--data`` into ``<run>/labelgen``."""
-    from lussray.cluster.pixel_labels import SCORE_SCALES
+def generate(config: LussConfig, data: str, run: str, *, checkpoint: str | None = None, tau: float | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Generate the pseudo labels of ``data`` into ``<run>/labelgen`` (skipping what a run of the same inputs did).
+
+    Args:
+        config: the resolved config (``labelgen``, ``ingest``, ``dataset``, ``pretrain`` for the model, ``ray``).
+        data: shards folder (absolute path or URI).
+        run: run folder (absolute path or URI).
+        checkpoint: the pixel-attention checkpoint (default: the latest under ``<run>/attention``).
+        tau: a fixed "other" threshold (default ``labelgen.tau``, else a sweep on ``labelgen.tau_split``).
+        overwrite: redo the stage when its folder holds outputs of other inputs.
+
+    Returns:
+        The stage summary (``<run>/labelgen/summary.json``).
+    """
+    from lussray.clustering.pixel_labels import SCORE_SCALES
     from lussray.data.ingest import init_ray
 
-    if not args.data or not args.run:
-        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
-    data, run_root = (storage.absolute(path) for path in (args.data, args.run))
-    outputs = Outputs(storage.join(run_root, STAGE))
-    checkpoint = attention_checkpoint(run_root, storage.absolute(args.checkpoint) if args.checkpoint else None)
+    outputs = Outputs(storage.join(run, STAGE))
+    checkpoint = attention_checkpoint(run, checkpoint)
     cfg = config.labelgen
     num_clusters = cfg.num_clusters or config.dataset.num_classes
-    tau = args.tau if args.tau is not None else cfg.tau
+    tau = tau if tau is not None else cfg.tau
     if tau is None and num_clusters != config.dataset.num_classes:
         raise UserError(f"the tau sweep needs K = num_classes ({num_clusters} != {config.dataset.num_classes}): "
                         f"set labelgen.tau")
     if cfg.score_scale not in SCORE_SCALES:
         raise UserError(f"labelgen.score_scale: {cfg.score_scale!r} is not one of {', '.join(SCORE_SCALES)}")
-    record = StageRecord(outputs.root, fingerprint(config, data, run_root, checkpoint, tau), STAGE)
-    record.check(args.overwrite)  # before summary.json: a complete folder of other inputs is not complete
+    record = StageRecord(outputs.root, fingerprint(config, data, run, checkpoint, tau), STAGE)
+    record.check(overwrite)  # before summary.json: a complete folder of other inputs is not complete
     if storage.exists(outputs.summary):
         print(f"[{STAGE}] complete: {outputs.summary}", flush=True)
-        return 0
+        return storage.read_json(outputs.summary)
     if tau is None and not _has_ground_truth(data, cfg.tau_split):
         raise UserError(f"labelgen.tau_split: the {cfg.tau_split!r} split of {data} has no ground truth to sweep "
                         f"tau on: choose a split with ground truth (validation, train-semi) or set labelgen.tau")
@@ -530,6 +540,16 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     init_ray(config.ray)
     with record.recording(produced=lambda: has_files(outputs.embeddings, ".parquet")):
         _generate(config, data, outputs, checkpoint, num_clusters, tau)
+    return storage.read_json(outputs.summary)
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """``lussray labelgen``: :func:`generate` for ``--data`` into ``--run``."""
+    if not args.data or not args.run:
+        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
+    generate(config, storage.absolute(args.data), storage.absolute(args.run),
+             checkpoint=storage.absolute(args.checkpoint) if args.checkpoint else None, tau=args.tau,
+             overwrite=args.overwrite)
     return 0
 
 

@@ -297,7 +297,7 @@ def predict_split(config: LussConfig, data: str, split: str, out: str, predictor
 
     storage.makedirs(out)
     seconds = run_pool(
-        evaluation_images(data, split, config.ingest), PredictionWriter,
+        evaluation_images(data, split, config.ingest, config.dataset.eval_crop_size), PredictionWriter,
         {"predictor_factory": predictor_factory, "predictor_kwargs": predictor_kwargs, "out": out,
          "num_classes": num_classes, "evaluate": evaluate},
         pool, total=int(manifest["num_samples"]), what=split, stage=stage, output_rows=collect)
@@ -446,7 +446,8 @@ def fingerprint(config: LussConfig, data: str, split: str, checkpoint: str, matc
     """
     matching = match if match in (HUNGARIAN, IDENTITY) else file_fingerprint(match, root)
     return {"format": FORMAT_VERSION,
-            **config_fingerprint(config, "predict.max_res", "ingest.eval_short_side", "dataset.num_classes"),
+            **config_fingerprint(config, "predict.max_res", "ingest.eval_short_side", "dataset.eval_crop_size",
+                                "dataset.num_classes"),
             "split": split, "data": data_fingerprint(data, [split]),
             "checkpoint": checkpoint_fingerprint(checkpoint, root), "match": matching, **(extra or {})}
 
@@ -600,51 +601,76 @@ def crf_refiner(config: LussConfig):
     return CRFRefiner(params, cfg.crf_timeout_s)
 
 
-def resolve_match(args: argparse.Namespace, run: str | None, crf: bool = False) -> Any:
-    """The matching to use: ``--match``, else Hungarian on validation, else the validation match.json."""
-    if args.match == IDENTITY:
+def resolve_match(given: str | None, split: str, run: str | None, crf: bool = False) -> Any:
+    """The matching to use: ``given`` (``--match``), else Hungarian on validation, else the validation match.json."""
+    if given == IDENTITY:
         return IDENTITY
-    if args.match:
-        if not storage.exists(args.match):
-            raise UserError(f"--match {args.match}: no such file")
-        return storage.absolute(args.match)
-    if args.split == "validation":
+    if given:
+        if not storage.exists(given):
+            raise UserError(f"--match {given}: no such file")
+        return storage.absolute(given)
+    if split == "validation":
         return HUNGARIAN
     if run:
         found = storage.join(run, STAGE, split_folder("validation", crf), MATCH_FILE)
         if storage.exists(found):
-            print(f"[{STAGE}] {args.split}: using the validation matching {found}", flush=True)
+            print(f"[{STAGE}] {split}: using the validation matching {found}", flush=True)
             return found
-    print(f"[{STAGE}] {args.split}: no match.json given or found: predictions are taken as ground-truth ids",
+    print(f"[{STAGE}] {split}: no match.json given or found: predictions are taken as ground-truth ids",
           flush=True)
     return IDENTITY
 
 
-def run(args: argparse.Namespace, config: LussConfig) -> int:
-    """Predict ``--split`` of ``--data`` with a segmentation checkpoint."""
+def predict(config: LussConfig, data: str, *, run: str | None = None, split: str = "validation",
+            out: str | None = None, checkpoint: str | None = None, match: str | None = None, crf: bool = False,
+            submission: bool = False, method: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Predict ``split`` of ``data`` with a segmentation checkpoint, match and score it.
+
+    Args:
+        config: the resolved config (``predict``, ``ingest``, ``dataset``, ``ray``).
+        data: shards folder (absolute path or URI).
+        run: run folder (the default checkpoint, output folder and validation matching come from it).
+        split: the split to predict.
+        out: the prediction folder (default ``<run>/predict/<split>[-crf]``).
+        checkpoint: a segmentation checkpoint (default: the latest under ``<run>/finetune``).
+        match: ``identity`` or a match.json (default: Hungarian on validation, else validation's match.json).
+        crf: refine with the dense CRF (also when ``predict.crf`` is set).
+        submission: also pack the predictions into ``<out>.zip``.
+        method: the method description of the submission.
+        overwrite: redo the predictions when the folder holds outputs of other inputs.
+
+    Returns:
+        The summary (also in ``<out>/summary.json``).
+    """
     from lussray.data.ingest import init_ray
 
-    if not args.data:
-        raise UserError("--data DIR (shards of `lussray prepare`) is required")
-    data = storage.absolute(args.data)
-    run_root = storage.absolute(args.run) if args.run else None
-    if not args.out and not run_root:
+    if not out and not run:
         raise UserError("--out DIR or --run DIR is required")
-    crf = bool(args.crf or config.predict.crf)
-    out = storage.absolute(args.out) if args.out else storage.join(run_root, STAGE, split_folder(args.split, crf))
-    checkpoint = finetune_checkpoint(run_root, storage.absolute(args.checkpoint) if args.checkpoint else None)
-    match = resolve_match(args, run_root, crf)
+    crf = bool(crf or config.predict.crf)
+    out = out or storage.join(run, STAGE, split_folder(split, crf))
+    checkpoint = finetune_checkpoint(run, checkpoint)
+    resolved_match = resolve_match(match, split, run, crf)
     refine_fn = crf_refiner(config) if crf else None
     init_ray(config.ray)
     inputs = {"crf": dataclasses.asdict(refine_fn.params)} if refine_fn is not None else None
-    summary = predict_segmenter(config, data, args.split, out, checkpoint, match=match, inputs=inputs,
-                                refine_fn=refine_fn, run=run_root, overwrite=args.overwrite)
-    if args.submission:
-        method = args.method or (f"lussray: PASS-style fine-tuned segmenter ({config.pretrain.arch}), "
-                                 f"checkpoint {checkpoint}")
+    summary = predict_segmenter(config, data, split, out, checkpoint, match=resolved_match, inputs=inputs,
+                                refine_fn=refine_fn, run=run, overwrite=overwrite)
+    if submission:
+        method = method or f"lussray: PASS-style fine-tuned segmenter ({config.pretrain.arch}), checkpoint {checkpoint}"
         keys = written_keys(out)
         print(f"[{STAGE}] submission: {package_submission(out, keys, method)} ({len(keys)} predictions, "
               f"{summary['num_images']} images)", flush=True)
+    return summary
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """``lussray predict``: :func:`predict` of ``--split`` of ``--data``."""
+    if not args.data:
+        raise UserError("--data DIR (shards of `lussray prepare`) is required")
+    predict(config, storage.absolute(args.data), run=storage.absolute(args.run) if args.run else None,
+            split=args.split, out=storage.absolute(args.out) if args.out else None,
+            checkpoint=storage.absolute(args.checkpoint) if args.checkpoint else None, match=args.match,
+            crf=args.crf, submission=args.submission, method=args.method, overwrite=args.overwrite)
     return 0
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -120,24 +120,43 @@ def fingerprint(config: LussConfig, data: str, run: str, init_checkpoint: Option
             "data": data_fingerprint(data, ["train"]), "init": checkpoint_fingerprint(init_checkpoint, run)}
 
 
-def run(args: argparse.Namespace, config: LussConfig) -> int:
-    """Pretrain on ``--data`` into ``--run`` (resuming when it holds a checkpoint of the same inputs)."""
+def pretrain(config: LussConfig, data: str, run: str, *, init: Optional[str] = None,
+             max_steps: Optional[int] = None, overwrite: bool = False) -> dict[str, Any]:
+    """Pretrain on the shards ``data`` into ``<run>/pretrain`` (resuming a run of the same inputs).
+
+    Args:
+        config: the resolved config (``pretrain``, ``ingest``, ``ray``).
+        data: shards folder of ``lussray prepare`` (absolute path or URI).
+        run: run folder (absolute path or URI).
+        init: a lussray, torchvision or PASS/SwAV checkpoint to start from.
+        max_steps: stop after this many steps (checkpointing first).
+        overwrite: redo the stage when its folder holds outputs of other inputs.
+
+    Returns:
+        The stage summary: ``{"stage", "checkpoint"}``.
+    """
     from lussray.data.ingest import init_ray, multicrop_views
     from lussray.stages.loop import fit, run_training
 
-    if not args.data or not args.run:
-        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
-    # Ray workers run in their own working directories: hand them absolute paths.
-    data, run_root = (storage.absolute(path) for path in (args.data, args.run))
-    init = storage.absolute(args.init) if args.init else None
     if init and not storage.exists(init):
         raise UserError(f"--init {init}: no such checkpoint")
-    spec = build_spec(config, data, run_root, max_steps=args.max_steps, init_checkpoint=init)
+    spec = build_spec(config, data, run, max_steps=max_steps, init_checkpoint=init)
 
     def start() -> None:
         init_ray(config.ray)
         dataset = multicrop_views(data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
-        fit(spec, dataset, config.pretrain.loop, config.ingest, run_root)
+        fit(spec, dataset, config.pretrain.loop, config.ingest, run)
 
-    run_training(spec, fingerprint(config, data, run_root, init), overwrite=args.overwrite, start=start)
+    checkpoint = run_training(spec, fingerprint(config, data, run, init), overwrite=overwrite, start=start)
+    return {"stage": STAGE, "checkpoint": checkpoint}
+
+
+def run(args: argparse.Namespace, config: LussConfig) -> int:
+    """``lussray train``: :func:`pretrain` on ``--data`` into ``--run``."""
+    if not args.data or not args.run:
+        raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
+    # Ray workers run in their own working directories: hand them absolute paths.
+    pretrain(config, storage.absolute(args.data), storage.absolute(args.run),
+             init=storage.absolute(args.init) if args.init else None, max_steps=args.max_steps,
+             overwrite=args.overwrite)
     return 0

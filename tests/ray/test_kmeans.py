@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lussray.cluster import lloyd
-from lussray.cluster.kmeans import (
+from lussray.clustering import lloyd
+from lussray.clustering.kmeans import (
     group_files,
     openblas_env,
     read_embeddings_parquet,

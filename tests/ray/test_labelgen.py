@@ -18,7 +18,7 @@ from lussray.data.shards import iter_tar, shard_paths
 from lussray.models.pass_model import PixelAttentionModel
 from lussray.stages.labelgen import pixel_labeler
 from lussray.stages.loop import CHECKPOINT_FILE
-from lussray.stages.pipeline import pseudo_label_baseline
+from lussray.pipelines.pass_ import pseudo_label_baseline
 from tests.ray.kill import kill_driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -72,7 +72,7 @@ def test_run_resumes_after_a_kill_skipping_completed_stages(shards, tmp_path):
     assert set(metrics["metrics"]) == {"pipeline", "pipeline + CRF"}
     last = json.loads(out.strip().splitlines()[-1])
     assert last["mIoU"] == pytest.approx(metrics["metrics"]["pipeline"]["mIoU"])
-    assert set(last) == {"mIoU", "Acc", "F", "baselines"}
+    assert set(last) == {"method", "mIoU", "Acc", "F", "baselines"} and last["method"] == "pass"
     for folder in ("validation", "validation-crf"):
         assert len(list((run / "predict" / folder).glob("*/*.png"))) == 6
     report = (run / "report.html").read_text()
@@ -83,6 +83,12 @@ def test_run_resumes_after_a_kill_skipping_completed_stages(shards, tmp_path):
     again = subprocess.run(_run_cmd(shards, run), env=env, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0
     assert "[finetune] complete at step" in again.stdout and "validation: complete" in again.stdout
+
+    # 5. the stage command on the pipeline's checkpoint scores as the pipeline did (same stage function)
+    out = tmp_path / "predict-again"
+    assert main(["predict", "--data", str(shards), "--run", str(run), "--out", str(out), *TINY]) == 0
+    again_summary = json.loads((out / "summary.json").read_text())
+    assert again_summary["metrics"] == metrics["metrics"]["pipeline"]
 
 
 def test_run_needs_data_and_run(tmp_path):

@@ -433,3 +433,26 @@ def test_shorter_side_resize_has_a_bounded_output():
     with pytest.raises(ValueError, match="more than 1000"):
         aug.resize_shorter_side(np.zeros((10, 20), np.uint8), 30, max_pixels=1000)
     assert aug.resize_shorter_side(np.zeros((10, 20), np.uint8), 20, max_pixels=800).shape == (20, 40)
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (75, 50), (64, 64)])
+def test_evaluation_view_keeps_image_and_label_aligned(shape):
+    """Resize(32) + CenterCrop(32): the label, cut through the same rectangle, matches the image."""
+    from lussray.data.augment import evaluation_view
+
+    height, width = shape
+    # columns coloured by their left/right half, labelled alike: the crop must agree on the boundary
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, width // 2:] = 255
+    label = np.zeros((height, width), np.int32)
+    label[:, width // 2:] = 1
+    label[0, 0] = 1000
+    view, cropped = evaluation_view(image, label, 32, 32)
+    assert view.shape == (32, 32, 3) and cropped.shape == (32, 32)
+    bright = view[..., 0] > 127
+    assert np.mean(bright == (cropped == 1)) > 0.95
+    assert set(np.unique(cropped)) <= {0, 1, 1000}
+    image_only, none = evaluation_view(image, None, 40, 32)
+    assert image_only.shape == (32, 32, 3) and none is None
+    with pytest.raises(ValueError, match="larger than"):
+        evaluation_view(image, label, 16, 32)

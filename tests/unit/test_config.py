@@ -109,7 +109,7 @@ def test_optional_keys_accept_none_and_bounds_are_inclusive():
 def test_score_scale_choices_are_pixel_labels_scales():
     from dataclasses import fields
 
-    from lussray.cluster.pixel_labels import SCORE_SCALES
+    from lussray.clustering.pixel_labels import SCORE_SCALES
 
     choices = next(spec for spec in fields(LabelgenConfig) if spec.name == "score_scale").metadata["choices"]
     assert tuple(choices) == tuple(SCORE_SCALES)

@@ -1,10 +1,10 @@
-"""The k-means step math (lussray.cluster.lloyd) against numpy transcriptions and faiss."""
+"""The k-means step math (lussray.clustering.lloyd) against numpy transcriptions and faiss."""
 
 import faiss
 import numpy as np
 import pytest
 
-from lussray.cluster import lloyd
+from lussray.clustering import lloyd
 
 
 def _data(n=300, d=6, k=5, seed=0):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lussray.cluster.pixel_labels import (
+from lussray.clustering.pixel_labels import (
     apply_threshold,
     assign_pixels,
     foreground_scores,

@@ -4,10 +4,10 @@ Label generation clusters one embedding per training image (ImageNet-S919: about
 float32, 9.8 GB) into K categories, as stage 2.2 of PASS [0] does with ``faiss.Clustering`` on one
 GPU. Here each :class:`EmbeddingShard` actor loads a contiguous, size-balanced group of the
 embedding parquet files and answers "assign to these centroids" with per-cluster sums, counts and
-the objective (:mod:`lussray.cluster.lloyd`); the driver runs the Lloyd iterations and the redos
+the objective (:mod:`lussray.clustering.lloyd`); the driver runs the Lloyd iterations and the redos
 and only ever holds K x D numbers. The result equals ``faiss.Kmeans`` in one process on the
 concatenated files (same seed, or same ``init_centroids``, ``max_points_per_centroid`` out of
-reach) up to float rounding; see :mod:`lussray.cluster.lloyd` for the faiss facts reproduced and
+reach) up to float rounding; see :mod:`lussray.clustering.lloyd` for the faiss facts reproduced and
 the deviations.
 
 Parquet contract (written by ``lussray.stages.labelgen``): a string column ``key`` and a column
@@ -15,7 +15,7 @@ Parquet contract (written by ``lussray.stages.labelgen``): a string column ``key
 
 Run (from label generation, or directly)::
 
-    python -c "import ray; from lussray.cluster.kmeans import sharded_kmeans; ray.init();
+    python -c "import ray; from lussray.clustering.kmeans import sharded_kmeans; ray.init();
     print(sharded_kmeans(['run/labelgen/embeddings/train-000000.parquet'], 50))"
 
 - [0]: PASS / LUSS, Gao et al., 2022, arXiv:2106.03149 (``cluster.py``).
@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lussray import storage
-from lussray.cluster import lloyd
+from lussray.clustering import lloyd
 from lussray.errors import UserError
 
 #: The reference normalises embeddings as x / (||x|| + 1e-8).

@@ -1,0 +1,62 @@
+"""Methods as the axis of ``lussray run``: dispatch, config layers, the final JSON line."""
+
+import pytest
+
+from lussray import config as config_module
+from lussray.cli import main
+from lussray.config import ConfigError, load_config
+from lussray.errors import UserError
+from lussray.pipelines import METHOD_NAMES, PLANNED_METHODS, method_module
+from lussray.stages.pipeline import final_line
+
+
+def test_unknown_method_is_refused_naming_the_choices():
+    with pytest.raises(UserError) as error:
+        method_module("dino")
+    for name in METHOD_NAMES:
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("name", sorted(PLANNED_METHODS))
+def test_unbuilt_method_names_its_issue(name):
+    with pytest.raises(UserError, match="not implemented yet"):
+        method_module(name)
+
+
+def test_pass_declares_its_stages_in_order():
+    stages = method_module("pass").STAGES
+    assert [stage.name for stage in stages] == ["train", "attention", "labelgen", "finetune", "predict"]
+    assert all(stage.reads and stage.writes and stage.completion for stage in stages)
+
+
+def test_cli_refuses_unknown_method_with_exit_2(tmp_path, capsys):
+    assert main(["run", "--method", "nope", "--data", str(tmp_path), "--run", str(tmp_path / "run")]) == 2
+    assert "choose one of" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_method_layers_merge_between_dataset_and_overrides(tmp_path, monkeypatch):
+    methods = tmp_path / "method"
+    (methods / "toy").mkdir(parents=True)
+    (methods / "toy.yaml").write_text("labelgen: {kmeans_redo: 7, kmeans_iterations: 9}\n")
+    (methods / "toy" / "synthetic-demo.yaml").write_text("labelgen: {kmeans_redo: 5}\n")
+    monkeypatch.setattr(config_module, "METHOD_DIR", methods)
+    config = load_config("synthetic-demo", method="toy")
+    assert config.labelgen.kmeans_iterations == 9  # method layer over base and dataset
+    assert config.labelgen.kmeans_redo == 5  # method x dataset over method (the preset says 3)
+    assert load_config("synthetic-demo", overrides=["labelgen.kmeans_redo=2"], method="toy").labelgen.kmeans_redo == 2
+    with pytest.raises(ConfigError, match="no config for method"):
+        load_config("synthetic-demo", method="absent")
+
+
+def test_pass_layers_leave_the_preset_as_it_was():
+    assert load_config("synthetic-demo", method="pass") == load_config("synthetic-demo")
+
+
+def test_final_line_has_the_headline_and_every_baseline():
+    rows = {"pipeline": {"mIoU": 30.0, "Acc": 40.0, "FMeasure": 50.0}, "pipeline + CRF": {"mIoU": 31.0}}
+    found = {"all_other": {"mIoU": 10.0}, "random_backbone": {"mIoU": 20.0, "Acc": 1.0}}
+    assert final_line("pass", rows, found) == {"method": "pass", "mIoU": 30.0, "Acc": 40.0, "F": 50.0,
+                                               "baselines": {"all_other": 10.0, "random_backbone": 20.0}}
+    pixel = final_line("picie", {"pipeline": {"mIoU": 12.0, "Acc": 45.0}}, {})
+    assert pixel == {"method": "picie", "mIoU": 12.0, "Acc": 45.0, "baselines": {}}
