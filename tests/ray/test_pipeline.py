@@ -86,7 +86,8 @@ def test_run_resumes_after_a_kill_skipping_completed_stages(shards, tmp_path):
 
     # 5. the stage command on the pipeline's checkpoint scores as the pipeline did (same stage function)
     out = tmp_path / "predict-again"
-    assert main(["predict", "--data", str(shards), "--run", str(run), "--out", str(out), *TINY]) == 0
+    assert main(["predict", "--split", "validation", "--data", str(shards), "--run", str(run), "--out", str(out),
+                 *TINY]) == 0
     again_summary = json.loads((out / "summary.json").read_text())
     assert again_summary["metrics"] == metrics["metrics"]["pipeline"]
 
