@@ -148,7 +148,7 @@ def test_labelgen_resumes_after_kill_without_redoing_finished_shards(data, tmp_p
            "--tau", "0.3", "ray.address=local", "ray.num_cpus=4", *TINY]
     pseudo = run / "labelgen" / "pseudo" / "train"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # an upper bound only: the wait ends at the first finished shard
     while time.time() < deadline and proc.poll() is None and not list(pseudo.glob("*.done.json")):
         time.sleep(0.2)
     kill_driver(proc)
