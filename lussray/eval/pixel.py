@@ -47,8 +47,8 @@ import numpy as np
 
 from lussray.data.imagenet_s import IGNORE_ID, MAX_ENCODABLE_ID
 from lussray.errors import UserError
-from lussray.eval.io import PNG_SUFFIX, EvalItem, read_label
-from lussray.eval.runner import ItemError, stream
+from lussray.eval.io import PNG_SUFFIX, EvalItem
+from lussray.eval.runner import ItemError, read_pair, stream
 
 HUNGARIAN = "hungarian"
 IDENTITY = "identity"
@@ -137,14 +137,10 @@ def confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int, num_clusters: 
 
 def item_confusion(item: EvalItem, *, num_classes: int, num_clusters: int) -> np.ndarray | ItemError:
     """Read one image's two PNGs and return its (C, K) counts (runs in a worker process)."""
-    try:
-        gt = read_label(item.gt_path)
-    except UserError as error:
-        return ItemError(item.key, str(item.gt_path), "unreadable", str(error))
-    try:
-        pred = read_label(item.pred_path)
-    except UserError as error:
-        return ItemError(item.key, str(item.pred_path), "unreadable", str(error))
+    pair = read_pair(item)
+    if isinstance(pair, ItemError):
+        return pair
+    gt, pred = pair
     try:
         return confusion(pred, gt, num_classes, num_clusters)
     except PixelLabelError as error:

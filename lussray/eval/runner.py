@@ -50,6 +50,18 @@ class ItemError:
     message: str
 
 
+def read_pair(item: EvalItem) -> tuple[np.ndarray, np.ndarray] | ItemError:
+    """An item's ground truth and prediction, or the error naming the file that could not be read."""
+    try:
+        gt = read_label(item.gt_path)
+    except UserError as error:
+        return ItemError(item.key, str(item.gt_path), "unreadable", str(error))
+    try:
+        return gt, read_label(item.pred_path)
+    except UserError as error:
+        return ItemError(item.key, str(item.pred_path), "unreadable", str(error))
+
+
 def item_stats(
     item: EvalItem,
     *,
@@ -61,12 +73,11 @@ def item_stats(
     # Imported here: the pixel protocol's workers share this module but not stats (scipy.ndimage).
     from lussray.eval.stats import LabelError, image_stats
 
+    pair = read_pair(item)
+    if isinstance(pair, ItemError):
+        return pair
+    gt, pred = pair
     try:
-        gt = read_label(item.gt_path)
-    except UserError as error:
-        return ItemError(item.key, str(item.gt_path), "unreadable", str(error))
-    try:
-        pred = read_label(item.pred_path)
         scores = read_foreground(item.foreground_path) if taus is not None else None
     except UserError as error:
         return ItemError(item.key, str(item.pred_path), "unreadable", str(error))
