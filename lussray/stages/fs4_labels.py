@@ -371,7 +371,8 @@ def cluster(config: LussConfig, files: list[str], outputs: Outputs) -> np.ndarra
     cfg, pool = config.fs4.labels, config.labelgen
     result = sharded_kmeans(files, cfg.num_clusters, num_actors=pool.kmeans_actors, niter=cfg.kmeans_iterations,
                             nredo=cfg.kmeans_redo, seed=derived_seed(config.seed, STAGE, "kmeans"), spherical=True,
-                            normalize_rows=True, gpus_per_actor=pool.gpus_per_actor)
+                            normalize_rows=True, gpus_per_actor=pool.gpus_per_actor,
+                            log_every=max(1, cfg.kmeans_iterations // 4))
     buffer = io.BytesIO()
     np.save(buffer, result.centroids.astype(np.float32))
     storage.write_json_atomic(outputs.kmeans, {
