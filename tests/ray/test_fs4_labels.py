@@ -137,3 +137,13 @@ def test_fs4_labels_selects_the_closest_views_of_the_dataset_and_resumes(data, t
         assert path.read_bytes() == before[path.name][1]
         assert (path.stat().st_mtime_ns == before[path.name][0]) == (path != shards[1])
     assert json.loads((out / "summary.json").read_text())["kept"] == len(records)
+
+
+def test_fs4_labels_refuses_bad_input_before_any_work(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(data, run)) == 2  # no stage-1 checkpoint under <run>/pretrain, none given
+    assert "run `lussray train` first or pass --checkpoint" in capsys.readouterr().err
+    checkpoint = str(data / "checkpoint_step=00000001" / CHECKPOINT_FILE)
+    assert main(["fs4", "labels", "--checkpoint", checkpoint, *_args(data, run, f"fs4.labels.num_clusters={6 * IMAGES + 1}")[2:]]) == 2
+    assert f"fs4.labels.num_clusters={6 * IMAGES + 1} exceeds the {6 * IMAGES} views" in capsys.readouterr().err
+    assert not (run / "fs4-labels").exists()
