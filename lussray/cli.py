@@ -9,8 +9,9 @@ command given ``--run`` holds that folder's lock (``<run>/.lock``) while it runs
 
 A subcommand lives in the module that owns its concept; the module provides
 ``add_arguments(parser)`` and ``run(args, config) -> int`` and is imported only when used. A module
-with ``ACTIONS`` (``{action: help}``) is a command with actions, ``lussray fs4 labels``: its flags and
-the common ones follow the action, which ``run`` reads as ``args.action``.
+with ``ACTIONS`` (``{action: help}``) is a command with actions, ``lussray fs4 labels``: its
+``add_arguments(parser, action)`` is called per action, the common flags follow the action, and
+``run`` reads it as ``args.action``.
 """
 
 from __future__ import annotations
@@ -58,15 +59,17 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pretrain.loop.epochs=5")
 
 
-def _action_parsers(parser: argparse.ArgumentParser, actions: dict[str, str] | None) -> list[argparse.ArgumentParser]:
-    """``[parser]``, or one nested parser per action of a command with actions (``lussray fs4 labels``).
+def _action_parsers(parser: argparse.ArgumentParser,
+                    actions: dict[str, str] | None) -> list[tuple[str | None, argparse.ArgumentParser]]:
+    """``[(None, parser)]``, or ``(action, nested parser)`` per action of a command with actions (``fs4 labels``).
 
-    The module's ``ACTIONS`` maps each action to its help; the action is ``args.action``.
+    The module's ``ACTIONS`` maps each action to its help; its ``add_arguments(parser, action)`` adds
+    that action's flags; ``run`` reads the action as ``args.action``.
     """
     if not actions:
-        return [parser]
+        return [(None, parser)]
     nested = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    return [nested.add_parser(action, help=text, description=text) for action, text in actions.items()]
+    return [(action, nested.add_parser(action, help=text, description=text)) for action, text in actions.items()]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -78,8 +81,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if command in (None, name):
             module = importlib.import_module(module_name)
-            for command_parser in _action_parsers(sub, getattr(module, "ACTIONS", None)):
-                module.add_arguments(command_parser)
+            for action, command_parser in _action_parsers(sub, getattr(module, "ACTIONS", None)):
+                module.add_arguments(command_parser, *([action] if action else []))
                 _add_common_arguments(command_parser)
         sub.set_defaults(module_name=module_name)
     return parser

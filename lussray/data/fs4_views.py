@@ -96,13 +96,14 @@ class ViewRecord:
         """
         try:
             raw = json.loads(data)
-            record = cls(str(raw["image"]), int(raw["view"]), tuple(float(v) for v in raw["box"]),  # type: ignore[arg-type]
-                         int(raw["label"]), float(raw["distance"]), tuple(int(v) for v in raw["size"]))  # type: ignore[arg-type]
+            top, left, height, width = (float(v) for v in raw["box"])
+            rows, cols = (int(v) for v in raw["size"])
+            record = cls(str(raw["image"]), int(raw["view"]), (top, left, height, width), int(raw["label"]),
+                         float(raw["distance"]), (rows, cols))
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"not an FS^4 view record ({type(error).__name__}: {error})") from None
-        top, left, height, width = record.box
-        if (not 0 <= record.view < NUM_VIEWS or record.label < 0 or len(record.size) != 2 or height < 1 or width < 1
-                or top < 0 or left < 0 or top + height > record.size[0] or left + width > record.size[1]):
+        if (not 0 <= record.view < NUM_VIEWS or record.label < 0 or height < 1 or width < 1
+                or top < 0 or left < 0 or top + height > rows or left + width > cols):
             raise ValueError(f"FS^4 view record out of range: {raw}")
         return record
 

@@ -24,8 +24,8 @@ CONFIG_METHOD = "fs4"
 ACTIONS = {"labels": "pyramid-global-guided pseudo labels: six views per image, global k-means, active selection"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of an action of ``lussray fs4``."""
+def add_arguments(parser: argparse.ArgumentParser, action: str) -> None:
+    """Flags of ``lussray fs4 ACTION``."""
     parser.add_argument("--checkpoint", help="the initial self-supervised model: a SwAV, PASS or MoCo-v2 ResNet file "
                         "(default: the latest stage-1 checkpoint under <run>/pretrain)")
 

@@ -56,7 +56,14 @@ from typing import Any
 import numpy as np
 
 from lussray import storage
-from lussray.completion import FORMAT_VERSION, StageRecord, checkpoint_fingerprint, config_fingerprint, data_fingerprint, has_files
+from lussray.completion import (
+    FORMAT_VERSION,
+    StageRecord,
+    checkpoint_fingerprint,
+    config_fingerprint,
+    data_fingerprint,
+    has_files,
+)
 from lussray.config import LussConfig
 from lussray.data.shards import FORMAT_VERSION as SHARDS_FORMAT_VERSION
 from lussray.data.shards import MANIFEST, SHARD_ENTRY_KEYS, read_manifest, shard_paths
@@ -146,8 +153,8 @@ def load_initial_model(checkpoint: str, model_kwargs: dict[str, Any], feature: s
     report = load_pretrained(model, checkpoint)
     missing_backbone = [key for key in report.missing if key.startswith("backbone.")]
     if missing_backbone:
-        raise UserError(f"{checkpoint}: no {model_kwargs['arch']} backbone in it ({len(missing_backbone)} backbone keys "
-                        f"missing, e.g. {missing_backbone[0]}; shape mismatches: {report.mismatched[:2]}): check "
+        raise UserError(f"{checkpoint}: no {model_kwargs['arch']} backbone in it ({len(missing_backbone)} backbone "
+                        f"keys missing, e.g. {missing_backbone[0]}; shape mismatches: {report.mismatched[:2]}): check "
                         f"pretrain.arch")
     # A SwAV file lacks only the final BN's running statistics (lussray.models.checkpoints).
     missing_head = [key for key in report.missing if key.startswith("projection_head.") and "running_" not in key]
@@ -260,9 +267,9 @@ class WriteViews(_ShardActor):
         for row in range(len(table["key"])):
             records.setdefault(table["image"][row], [])
             if kept[row]:
+                top, left, height, width = (float(table[name][row]) for name in ("top", "left", "height", "width"))
                 records[table["image"][row]].append(ViewRecord(
-                    table["image"][row], int(table["view"][row]),
-                    tuple(float(table[name][row]) for name in ("top", "left", "height", "width")),  # type: ignore[arg-type]
+                    table["image"][row], int(table["view"][row]), (top, left, height, width),
                     int(table["label"][row]), float(table["distance"][row]),
                     (int(table["image_height"][row]), int(table["image_width"][row]))))
         return records

@@ -104,7 +104,8 @@ def test_fs4_labels_selects_the_closest_views_of_the_dataset_and_resumes(data, t
     assert manifest["num_samples"] == len(records) and all(entry["chunks"] is not None for entry in manifest["shards"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kept"] == len(records) and summary["views"] == 6 * IMAGES and summary["images"] == IMAGES
-    assert summary["histogram"] == np.bincount(labels, minlength=K).tolist() and sum(summary["kept_histogram"]) == len(records)
+    assert summary["histogram"] == np.bincount(labels, minlength=K).tolist()
+    assert sum(summary["kept_histogram"]) == len(records)
     assert sum(summary["kept_per_view"].values()) == len(records)
 
     # the training stream reads the view shards with FS^4's batch function, no join: one row per kept view
@@ -144,6 +145,7 @@ def test_fs4_labels_refuses_bad_input_before_any_work(data, tmp_path, capsys):
     assert main(_args(data, run)) == 2  # no stage-1 checkpoint under <run>/pretrain, none given
     assert "run `lussray train` first or pass --checkpoint" in capsys.readouterr().err
     checkpoint = str(data / "checkpoint_step=00000001" / CHECKPOINT_FILE)
-    assert main(["fs4", "labels", "--checkpoint", checkpoint, *_args(data, run, f"fs4.labels.num_clusters={6 * IMAGES + 1}")[2:]]) == 2
+    too_many = f"fs4.labels.num_clusters={6 * IMAGES + 1}"
+    assert main(["fs4", "labels", "--checkpoint", checkpoint, *_args(data, run, too_many)[2:]]) == 2
     assert f"fs4.labels.num_clusters={6 * IMAGES + 1} exceeds the {6 * IMAGES} views" in capsys.readouterr().err
     assert not (run / "fs4-labels").exists()

@@ -113,7 +113,7 @@ def test_moco_release_reads_the_query_encoder_only(tmp_path):
     torch.manual_seed(5)
     query, key = torchvision.models.resnet18(weights=None).state_dict(), torchvision.models.resnet18(weights=None)
     state = {f"module.encoder_q.{k}": v for k, v in query.items() if not k.startswith("fc.")}
-    state.update({"module.encoder_q.fc.0.weight": torch.zeros(16, 512), "module.encoder_q.fc.2.weight": torch.zeros(8, 16)})
+    state["module.encoder_q.fc.0.weight"], state["module.encoder_q.fc.2.weight"] = torch.zeros(16, 512), torch.zeros(8, 16)
     state.update({f"module.encoder_k.{k}": v + 1 for k, v in key.state_dict().items()})
     state["module.queue"] = torch.zeros(8, 64)
     torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, tmp_path / "moco_v2.pth.tar")
