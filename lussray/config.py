@@ -359,6 +359,9 @@ class FS4LabelsConfig:
     num_clusters: int = ranged(50, 1)  # global clusters (the paper's default; Table 5: stable up to ~100)
     # Fraction of all views kept, ranked together by cosine distance to their own centre (the paper's 40 %)
     keep_fraction: float = ranged(0.4, above=0, high=1)
+    # The six pyramid views (PGG); false: the whole image only, one label per image (Table 4's "GG"
+    # row, with keep_fraction 1)
+    pyramid: bool = True
     # Side of the five crops as a fraction of the image side (not in the paper; 0.5 tiles the image)
     crop_fraction: float = ranged(0.5, above=0, high=1)
     crop_view_size: int = ranged(640, 16)  # supplement A.1: the five crops are first resized to 640 x 640

@@ -12,7 +12,8 @@ under ``<run>/fs4-labels/``:
 1. ``embeddings/<shard>.parquet``: the global feature of each image's six pyramid views (the whole
    image, four corners, the centre; :func:`lussray.methods.fs4.pyramid_view_images`: crops resized to
    ``fs4.labels.crop_view_size``, every view to ``resize`` squared, centre crop ``crop_size``), the
-   L2-normalised projector output (``fs4.labels.feature``), by an actor pool over the shards
+   L2-normalised projector output (``fs4.labels.feature``; with ``fs4.labels.pyramid=false`` the
+   whole image alone, one label per image: the ablation's "GG"), by an actor pool over the shards
    (:func:`lussray.stages.labelgen.map_shards`; the model is loaded once per actor).
 2. ``centroids.npy`` + ``kmeans.json``: spherical k-means (cosine, unit-norm features and centres,
    as the paper) with ``fs4.labels.num_clusters`` global clusters over the sharded k-means actors
@@ -169,7 +170,7 @@ class EmbedViews(_ShardActor):
     """Step 1: one parquet of the six views' global features per training shard."""
 
     def __init__(self, checkpoint: str, model_kwargs: dict[str, Any], feature: str, view_kwargs: dict[str, Any],
-                 batch_size: int, torch_threads: int) -> None:
+                 batch_size: int, torch_threads: int, num_views: int = NUM_VIEWS) -> None:
         import torch
 
         if torch_threads:
@@ -177,6 +178,7 @@ class EmbedViews(_ShardActor):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_initial_model(checkpoint, model_kwargs, feature).to(self.device)
         self.feature, self.view_kwargs, self.batch_size = feature, view_kwargs, batch_size
+        self.num_views = num_views  # 6, or 1: the whole image only (one label per image, the ablation's GG)
 
     def embed(self, views: np.ndarray) -> np.ndarray:
         """L2-normalised global features of uint8 views (V, S, S, 3): (V, D) float32."""
@@ -204,20 +206,21 @@ class EmbedViews(_ShardActor):
         for image_key, members in iter_tar(str(job["shard"])):
             image = decode_image(members["jpg"])
             height, width = image.shape[:2]
-            pending += pyramid_view_images(image, **self.view_kwargs)
-            for view, box in enumerate(pyramid_boxes(height, width, self.view_kwargs["crop_fraction"])):
+            pending += pyramid_view_images(image, **self.view_kwargs, num_views=self.num_views)
+            boxes = pyramid_boxes(height, width, self.view_kwargs["crop_fraction"])[:self.num_views]
+            for view, box in enumerate(boxes):
                 top, left, box_height, box_width = box_tuple(box)
                 for name, value in zip(("key", *RECORD_COLUMNS), (view_key(image_key, view), image_key, view, top,
                                                                    left, box_height, box_width, height, width)):
                     columns[name].append(value)
-            if len(pending) >= self.batch_size * NUM_VIEWS:
+            if len(pending) >= self.batch_size * self.num_views:
                 chunks.append(self.embed(np.stack(pending)))
                 pending = []
         if pending:
             chunks.append(self.embed(np.stack(pending)))
         embeddings = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
         _write_table(str(job["out"]), columns, embeddings=embeddings)
-        return {"shard": str(job["shard"]), "num_images": len(columns["key"]) // NUM_VIEWS,
+        return {"shard": str(job["shard"]), "num_images": len(columns["key"]) // self.num_views,
                 "seconds": time.perf_counter() - started}
 
 
@@ -242,7 +245,7 @@ class AssignViews(_ShardActor):
         columns["index"] = (int(job["first_index"]) + np.arange(table.num_rows)).tolist()
         columns["label"], columns["distance"] = labels.tolist(), distances.tolist()
         _write_table(str(job["out"]), columns)
-        return {"shard": str(job["shard"]), "num_images": table.num_rows // NUM_VIEWS}
+        return {"shard": str(job["shard"]), "num_images": len(set(columns["image"]))}
 
 
 class WriteViews(_ShardActor):
@@ -330,6 +333,11 @@ def model_kwargs(config: LussConfig) -> dict[str, Any]:
             "num_prototypes": pre.num_prototypes}
 
 
+def views_per_image(config: LussConfig) -> int:
+    """6 pyramid views per image, or 1 (the whole image) with ``fs4.labels.pyramid=false``."""
+    return NUM_VIEWS if config.fs4.labels.pyramid else 1
+
+
 def initial_checkpoint(run: str, given: str | None) -> str:
     """``--checkpoint`` if given, else the latest stage-1 checkpoint under ``<run>/pretrain``."""
     from lussray.stages.loop import given_or_latest
@@ -362,7 +370,8 @@ def embed(config: LussConfig, shards: list[str], outputs: Outputs, checkpoint: s
     view_kwargs = {"crop_fraction": cfg.crop_fraction, "crop_view_size": cfg.crop_view_size, "resize": cfg.resize,
                    "crop": cfg.crop_size}
     kwargs = {"checkpoint": checkpoint, "model_kwargs": model_kwargs(config), "feature": cfg.feature,
-              "view_kwargs": view_kwargs, "batch_size": cfg.batch_size, "torch_threads": config.labelgen.torch_threads}
+              "view_kwargs": view_kwargs, "batch_size": cfg.batch_size, "torch_threads": config.labelgen.torch_threads,
+              "num_views": views_per_image(config)}
     for _ in map_shards(jobs, EmbedViews, kwargs, config, f"{STAGE} embed"):
         pass
     return files
@@ -398,7 +407,8 @@ def assign(config: LussConfig, shards: list[str], files: list[str], counts: list
     from lussray.stages.labelgen import map_shards
 
     out = [outputs.assign_file(shard) for shard in shards]
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]]) * NUM_VIEWS  # global index of each shard's first view
+    # the global index of each shard's first view (its rows follow in order)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]) * views_per_image(config)
     jobs = [{"shard": shards[i], "embeddings": files[i], "out": out[i], "first_index": int(first[i])}
             for i in _pending(shards, out, "assign")]
     for _ in map_shards(jobs, AssignViews, {"centroids": centroids}, config, f"{STAGE} assign"):
@@ -506,8 +516,9 @@ def generate(config: LussConfig, data: str, run: str, *, checkpoint: str | None 
     checkpoint = initial_checkpoint(run, checkpoint)
     num_images = int(read_manifest(data, SPLIT)["num_samples"])
     cfg = config.fs4.labels
-    if num_images * NUM_VIEWS < cfg.num_clusters:
-        raise UserError(f"fs4.labels.num_clusters={cfg.num_clusters} exceeds the {num_images * NUM_VIEWS} views of "
+    num_views = num_images * views_per_image(config)
+    if num_views < cfg.num_clusters:
+        raise UserError(f"fs4.labels.num_clusters={cfg.num_clusters} exceeds the {num_views} views of "
                         f"the {num_images} training images of {data}")
     record = StageRecord(outputs.root, fingerprint(config, data, run, checkpoint), STAGE)
     record.check(overwrite)  # before summary.json: a complete folder of other inputs is not complete

@@ -82,3 +82,12 @@ def test_initial_model_must_hold_the_backbone_and_the_projector_it_is_asked_for(
     assert not load_initial_model(str(tmp_path / "moco.pth"), MODEL, "backbone").training
     with pytest.raises(UserError, match="pretrain.arch"):
         load_initial_model(str(checkpoint), {**MODEL, "arch": "resnet34"}, "projector")
+
+
+def test_whole_images_only_give_one_view_per_image(shard_and_checkpoint, tmp_path):
+    shard, checkpoint = shard_and_checkpoint
+    embedder = EmbedViews(str(checkpoint), MODEL, "backbone", VIEWS, batch_size=2, torch_threads=1, num_views=1)
+    assert embedder.process({"shard": str(shard), "out": str(tmp_path / "e.parquet")})["num_images"] == 5
+    table = pq.read_table(tmp_path / "e.parquet").to_pydict()
+    assert table["key"] == [view_key(f"g/img{i}", 0) for i in range(5)] and set(table["height"]) == {30}
+    assert np.asarray(table["embedding"]).shape == (5, 512)  # pooled layer 4 of a ResNet-18
