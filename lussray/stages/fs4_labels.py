@@ -17,7 +17,9 @@ under ``<run>/fs4-labels/``:
    (:func:`lussray.stages.labelgen.map_shards`; the model is loaded once per actor).
 2. ``centroids.npy`` + ``kmeans.json``: spherical k-means (cosine, unit-norm features and centres,
    as the paper) with ``fs4.labels.num_clusters`` global clusters over the sharded k-means actors
-   (:func:`lussray.clustering.kmeans.sharded_kmeans`), seeded from the run's ``seed``.
+   (:func:`lussray.clustering.kmeans.sharded_kmeans`), seeded from the run's ``seed``. It is fitted
+   on all views, crops included: the paper treats each view "as an independent image for labeling"
+   (it does not say whether its k-means saw the crops).
 3. ``assign/<shard>.parquet``: every view's global label (its nearest centre) and cosine distance
    to it, by the same actor pool.
 4. ``selection.json``: active selection. All views of the dataset are ranked together (the paper
