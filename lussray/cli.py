@@ -33,12 +33,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lussray.stages.pretrain", "stage 1: PASS representation learning on Ray Train"),
     "attention": ("lussray.stages.attention", "stage 2.1: pixel attention on the frozen backbone"),
     "labelgen": ("lussray.stages.labelgen", "stage 2.2-2.4: embeddings, sharded k-means, pseudo labels"),
-    "fs4": ("lussray.stages.fs4", "FS^4's own stages: `fs4 labels`, pyramid pseudo labels with active selection"),
     "finetune": ("lussray.stages.finetune", "stage 4: segmentation fine-tuning on the pseudo labels"),
     "predict": ("lussray.stages.predict", "stage 5: predictions of a split (actor pool), matching, submission"),
     "run": ("lussray.stages.pipeline", "every stage in order (skipping completed ones), metrics, report"),
     "distmatch": ("lussray.stages.distmatch", "distance-matching protocol (kNN on train-semi instances)"),
     "semisup": ("lussray.stages.semisup", "semi-supervised protocol (fine-tune on train-semi ground truth)"),
+    "fs4": ("lussray.stages.fs4", "FS^4's own stages: `fs4 labels`, pyramid pseudo labels with active selection"),
     "evaluate": ("lussray.eval.evaluate", "score predictions as the official ImageNet-S evaluator does"),
 }
 

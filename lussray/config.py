@@ -291,61 +291,6 @@ class LabelgenConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """Stage 3, segmentation fine-tuning on pseudo labels."""
-
-    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=20))
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Inference of a segmentation model over a split (actor pool), optional dense CRF."""
-
-    ORDERED: ClassVar = (("actor_pool_min", "actor_pool_max"),)
-
-    max_res: int = ranged(1000, 32)  # images with H*W > max_res^2 are predicted at height max_res, then resized
-    actor_pool_min: int = ranged(1, 1)
-    actor_pool_max: int = ranged(1, 1)
-    gpus_per_actor: float = ranged(0.0, 0)
-    cpus_per_actor: float = ranged(1.0, 0)
-    torch_threads: int = ranged(0, 0)  # intra-op threads per actor; 0 keeps torch's default
-    batch_size: int = ranged(16, 1)  # images per actor call; same-sized images share one forward pass
-    crf: bool = False
-    crf_iterations: int = ranged(10, 1)
-    crf_pos_xy_std: float = ranged(1.0, above=0)
-    crf_pos_w: float = ranged(3.0, 0)
-    crf_bi_xy_std: float = ranged(67.0, above=0)
-    crf_bi_rgb_std: float = ranged(3.0, above=0)
-    crf_bi_w: float = ranged(4.0, 0)
-    crf_timeout_s: float = ranged(60.0, above=0)
-
-
-@dataclass(frozen=True)
-class DistmatchConfig:
-    """Distance-matching protocol: weighted kNN of pixels against train-semi instance embeddings."""
-
-    ORDERED: ClassVar = (("actor_pool_min", "actor_pool_max"),)
-
-    k: int = ranged(10, 1)
-    temperature: float = ranged(0.07, above=0)
-    feature_upsample: int = ranged(4, 1)  # c4 (stride 32) bilinearly upsampled x4: stride 8, as the reference
-    actor_pool_min: int = ranged(1, 1)
-    actor_pool_max: int = ranged(1, 1)
-    gpus_per_actor: float = ranged(0.0, 0)
-    cpus_per_actor: float = ranged(1.0, 0)
-    torch_threads: int = ranged(0, 0)  # intra-op threads per actor; 0 keeps torch's default
-    batch_size: int = ranged(16, 1)
-
-
-@dataclass(frozen=True)
-class SemisupConfig:
-    """Semi-supervised protocol: fine-tuning on train-semi ground truth (ignore 1000)."""
-
-    min_scale: float = ranged(0.14, above=0, high=1)
-    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=100))
-
-
-@dataclass(frozen=True)
 class FS4LabelsConfig:
     """FS^4's pyramid global guidance pseudo labels (``lussray fs4 labels``, Sec. 4.2.1 of the paper).
 
@@ -407,6 +352,61 @@ class FS4Config:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage 3, segmentation fine-tuning on pseudo labels."""
+
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=20))
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Inference of a segmentation model over a split (actor pool), optional dense CRF."""
+
+    ORDERED: ClassVar = (("actor_pool_min", "actor_pool_max"),)
+
+    max_res: int = ranged(1000, 32)  # images with H*W > max_res^2 are predicted at height max_res, then resized
+    actor_pool_min: int = ranged(1, 1)
+    actor_pool_max: int = ranged(1, 1)
+    gpus_per_actor: float = ranged(0.0, 0)
+    cpus_per_actor: float = ranged(1.0, 0)
+    torch_threads: int = ranged(0, 0)  # intra-op threads per actor; 0 keeps torch's default
+    batch_size: int = ranged(16, 1)  # images per actor call; same-sized images share one forward pass
+    crf: bool = False
+    crf_iterations: int = ranged(10, 1)
+    crf_pos_xy_std: float = ranged(1.0, above=0)
+    crf_pos_w: float = ranged(3.0, 0)
+    crf_bi_xy_std: float = ranged(67.0, above=0)
+    crf_bi_rgb_std: float = ranged(3.0, above=0)
+    crf_bi_w: float = ranged(4.0, 0)
+    crf_timeout_s: float = ranged(60.0, above=0)
+
+
+@dataclass(frozen=True)
+class DistmatchConfig:
+    """Distance-matching protocol: weighted kNN of pixels against train-semi instance embeddings."""
+
+    ORDERED: ClassVar = (("actor_pool_min", "actor_pool_max"),)
+
+    k: int = ranged(10, 1)
+    temperature: float = ranged(0.07, above=0)
+    feature_upsample: int = ranged(4, 1)  # c4 (stride 32) bilinearly upsampled x4: stride 8, as the reference
+    actor_pool_min: int = ranged(1, 1)
+    actor_pool_max: int = ranged(1, 1)
+    gpus_per_actor: float = ranged(0.0, 0)
+    cpus_per_actor: float = ranged(1.0, 0)
+    torch_threads: int = ranged(0, 0)  # intra-op threads per actor; 0 keeps torch's default
+    batch_size: int = ranged(16, 1)
+
+
+@dataclass(frozen=True)
+class SemisupConfig:
+    """Semi-supervised protocol: fine-tuning on train-semi ground truth (ignore 1000)."""
+
+    min_scale: float = ranged(0.14, above=0, high=1)
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=100))
+
+
+@dataclass(frozen=True)
 class LussConfig:
     """The whole resolved configuration of a lussray run."""
 
@@ -421,11 +421,11 @@ class LussConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     labelgen: LabelgenConfig = field(default_factory=LabelgenConfig)
+    fs4: FS4Config = field(default_factory=FS4Config)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     distmatch: DistmatchConfig = field(default_factory=DistmatchConfig)
     semisup: SemisupConfig = field(default_factory=SemisupConfig)
-    fs4: FS4Config = field(default_factory=FS4Config)
 
 
 def _is_numeric(hint: Any) -> bool:
