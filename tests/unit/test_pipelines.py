@@ -60,4 +60,3 @@ def test_final_line_has_the_headline_and_every_baseline():
                                                "baselines": {"all_other": 10.0, "random_backbone": 20.0}}
     pixel = final_line("picie", {"pipeline": {"mIoU": 12.0, "Acc": 45.0}}, {})
     assert pixel == {"method": "picie", "mIoU": 12.0, "Acc": 45.0, "baselines": {}}
-
