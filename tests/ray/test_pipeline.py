@@ -72,7 +72,8 @@ def test_run_resumes_after_a_kill_skipping_completed_stages(shards, tmp_path):
     assert set(metrics["metrics"]) == {"pipeline", "pipeline + CRF"}
     last = json.loads(out.strip().splitlines()[-1])
     assert last["mIoU"] == pytest.approx(metrics["metrics"]["pipeline"]["mIoU"])
-    assert set(last) == {"method", "mIoU", "Acc", "F", "baselines"} and last["method"] == "pass"
+    assert set(last) == {"method", "seed", "mIoU", "Acc", "F", "baselines"} and last["method"] == "pass"
+    assert last["seed"] == metrics["seed"]
     for folder in ("validation", "validation-crf"):
         assert len(list((run / "predict" / folder).glob("*/*.png"))) == 6
     report = (run / "report.html").read_text()
