@@ -31,12 +31,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import pickle
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,7 @@ from lussray.errors import UserError
 STAGE = "labelgen"
 ATTENTION_STAGE = "attention"
 DONE = ".done.json"
+PREFETCH_BATCHES = 2  # input batches an embedding actor prepares ahead of its forward pass
 EVALUATED_SPLITS = ("validation", "train-semi")  # the pseudo labels' own scores, where ground truth exists
 
 
@@ -125,6 +127,7 @@ class _ModelActor:
             raise UserError(f"{checkpoint} holds no pixel attention: pass a `lussray attention` checkpoint")
         self.model = model.eval().to(self.device)
         self.short_side = short_side
+        self.ready_at = time.time()  # the end of this actor's start-up (wall clock, for the pool's figures)
 
     def _normalize(self, images: np.ndarray):
         import torch
@@ -145,37 +148,61 @@ class _ModelActor:
 
 
 class EmbedShards(_ModelActor):
-    """Step 1: one parquet of ``(key, embedding)`` per training shard."""
+    """Step 1: one parquet of ``(key, embedding)`` per training shard.
+
+    A thread reads the tar, decodes, resizes, crops and stacks the next batches
+    (:data:`PREFETCH_BATCHES` ahead) while the model embeds the current one, so the forward pass
+    does not wait for the input. Each result row carries where the actor's time went
+    (``forward_s``, ``input_wait_s``, ``decode_s`` in the thread, ``write_s``) and the wall-clock
+    start and end of the shard and of the actor's start-up (``ready_at``), which the driver turns
+    into the pool's start-up and steady-state rate (:class:`PoolStats`).
+    """
 
     def __init__(self, *args, crop_size: int, batch_size: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.crop_size, self.batch_size = crop_size, batch_size
+
+    def _batches(self, shard: str, timing: dict[str, float]) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(keys, crops)`` of up to ``batch_size`` images: Resize + CenterCrop, uint8 (B, S, S, 3)."""
+        from lussray.data.augment import center_crop, decode_image, resize_shorter_side
+        from lussray.data.shards import iter_tar
+
+        keys, crops = [], []
+        started = time.perf_counter()
+        for key, members in iter_tar(shard):
+            keys.append(key)
+            crops.append(center_crop(resize_shorter_side(decode_image(members["jpg"]), self.short_side),
+                                     self.crop_size))
+            if len(keys) == self.batch_size:
+                timing["decode_s"] += time.perf_counter() - started
+                yield keys, np.stack(crops)
+                keys, crops = [], []
+                started = time.perf_counter()
+        if keys:
+            timing["decode_s"] += time.perf_counter() - started
+            yield keys, np.stack(crops)
 
     def process(self, job: dict[str, Any]) -> dict[str, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
         import torch
 
-        from lussray.data.augment import center_crop, decode_image, resize_shorter_side
-        from lussray.data.shards import iter_tar
-
-        started = time.perf_counter()
-        keys, chunks, pending = [], [], []
-
-        def flush() -> None:
-            crops = np.stack([center_crop(resize_shorter_side(decode_image(data), self.short_side), self.crop_size)
-                              for data in pending])
+        began, started = time.time(), time.perf_counter()
+        timing = {"decode_s": 0.0, "forward_s": 0.0, "input_wait_s": 0.0}
+        keys, chunks = [], []
+        batches = prefetched(self._batches(str(job["shard"]), timing), PREFETCH_BATCHES)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            timing["input_wait_s"] += time.perf_counter() - waited
+            if batch is None:
+                break
+            computed = time.perf_counter()
             with torch.inference_mode():
-                chunks.append(self.model.cluster_embedding(self._normalize(crops)).float().cpu().numpy())
-            pending.clear()
-
-        for key, members in iter_tar(str(job["shard"])):
-            keys.append(key)
-            pending.append(members["jpg"])
-            if len(pending) == self.batch_size:
-                flush()
-        if pending:
-            flush()
+                chunks.append(self.model.cluster_embedding(self._normalize(batch[1])).float().cpu().numpy())
+            timing["forward_s"] += time.perf_counter() - computed
+            keys.extend(batch[0])
+        written = time.perf_counter()
         embeddings = np.concatenate(chunks).astype(np.float32)
         table = pa.table({"key": pa.array(keys, pa.string()),
                           "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()),
@@ -183,7 +210,59 @@ class EmbedShards(_ModelActor):
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         storage.write_bytes_atomic(str(job["out"]), buffer.getvalue())
-        return {"shard": str(job["shard"]), "num_images": len(keys), "seconds": time.perf_counter() - started}
+        return {"shard": str(job["shard"]), "num_images": len(keys), "seconds": time.perf_counter() - started,
+                **timing, "write_s": time.perf_counter() - written, "began": began, "ended": time.time(),
+                "ready_at": self.ready_at, "pid": os.getpid()}
+
+
+def prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` produced by a background thread up to ``depth`` ahead of the consumer.
+
+    The producer's work (reading, decoding, resizing: PIL and numpy release the GIL) overlaps
+    the consumer's (the forward pass). An error of the producer is raised in the consumer; a
+    consumer that stops early (an error, ``close()``) stops the producer.
+    """
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop, end = threading.Event(), object()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(end)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            offer(_Failed(error))
+        finally:
+            getattr(items, "close", lambda: None)()  # a generator's open tar, in the thread that iterated it
+
+    thread = threading.Thread(target=produce, name="lussray-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not end:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
 
 
 class LabelShards(_ModelActor):
@@ -266,10 +345,11 @@ class LabelShards(_ModelActor):
 
 @dataclass
 class Timings:
-    """Seconds per step and the peak memory seen in the driver and the actors."""
+    """Seconds per step, the peak memory seen in the driver and the actors, the pools' figures."""
 
     seconds: dict[str, float]
     peak_actor_rss_mb: float = 0.0
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def step(self, name: str, started: float) -> None:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
@@ -314,6 +394,53 @@ def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, 
               f"({images} images, {images / max(elapsed, 1e-9):.1f} img/s, "
               f"ETA {elapsed / done * (len(jobs) - done):.0f} s)", flush=True)
         yield row
+
+
+class PoolStats:
+    """Start-up and steady-state figures of one pass of the embedding pool, from its result rows.
+
+    Kept per actor (a handful of numbers each, whatever the number of shards or images):
+
+    - ``startup_s``: from the start of the pass until the last actor began its first shard
+      (process start, imports, model load, Ray Data's first dispatch);
+    - ``steady_images_per_s``: the sum over actors of images / (end of its last shard - start of
+      its first), i.e. the rate once every actor works;
+    - ``shares``: where the actors' steady-state time went (forward pass, waiting for input,
+      writing parquet, the rest: Ray's hand-over between shards and batch assembly), and
+      ``decode_share``, the input preparation that ran in the prefetch thread beside the forward.
+    """
+
+    FIELDS = ("num_images", "forward_s", "input_wait_s", "write_s", "decode_s")
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.actors: dict[int, dict[str, float]] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Account one result row of :class:`EmbedShards`."""
+        actor = self.actors.setdefault(int(row["pid"]), {"began": math.inf, "ended": 0.0,
+                                                          **{name: 0.0 for name in self.FIELDS}})
+        actor["began"] = min(actor["began"], float(row["began"]))
+        actor["ended"] = max(actor["ended"], float(row["ended"]))
+        for name in self.FIELDS:
+            actor[name] += float(row[name])
+
+    def summary(self) -> dict[str, Any]:
+        """The figures (see the class doc); empty when no shard was processed."""
+        if not self.actors:
+            return {}
+        actors = list(self.actors.values())
+        windows = [max(a["ended"] - a["began"], 1e-9) for a in actors]
+        window = sum(windows)
+        shares = {name.removesuffix("_s"): sum(a[name] for a in actors) / window
+                  for name in ("forward_s", "input_wait_s", "write_s")}
+        shares["other"] = 1.0 - sum(shares.values())
+        return {"actors": len(actors), "images": int(sum(a["num_images"] for a in actors)),
+                "startup_s": round(max(a["began"] for a in actors) - self.started, 2),
+                "seconds": round(max(a["ended"] for a in actors) - self.started, 2),
+                "steady_images_per_s": round(sum(a["num_images"] / w for a, w in zip(actors, windows)), 1),
+                "shares": {name: round(value, 4) for name, value in shares.items()},
+                "decode_share": round(sum(a["decode_s"] for a in actors) / window, 4)}
 
 
 def model_args(config: LussConfig, checkpoint: str) -> tuple[str, dict[str, Any], int, int]:
@@ -375,8 +502,14 @@ def embed(config: LussConfig, data: str, outputs: Outputs, actor_args: tuple) ->
         print(f"[{STAGE}] embed: {len(shards) - len(jobs)} of {len(shards)} shards already embedded", flush=True)
     kwargs = dict(zip(("checkpoint", "model_kwargs", "short_side", "torch_threads"), actor_args),
                   crop_size=config.labelgen.crop_size, batch_size=config.labelgen.batch_size)
-    for _ in map_shards(jobs, EmbedShards, kwargs, config, "embed"):
-        pass
+    pool = PoolStats()
+    for row in map_shards(jobs, EmbedShards, kwargs, config, "embed"):
+        pool.add(row)
+    if pool.actors:
+        TIMINGS.pools["embed"] = figures = pool.summary()
+        print(f"[{STAGE}] embed: {figures['actors']} actors started in {figures['startup_s']:.1f} s, then "
+              f"{figures['steady_images_per_s']:.1f} img/s (forward {100 * figures['shares']['forward']:.0f}% "
+              f"of their time)", flush=True)
     return files
 
 
@@ -585,7 +718,8 @@ def _generate(config: LussConfig, data: str, outputs: Outputs, checkpoint: str, 
     TIMINGS.step("metrics", step_started)
     summary.update({"seconds": round(time.perf_counter() - started, 1), "step_seconds": TIMINGS.seconds,
                     "peak_rss_mb": {"driver": round(peak_rss_mb(), 1),
-                                    "actor": round(TIMINGS.peak_actor_rss_mb, 1)}})
+                                    "actor": round(TIMINGS.peak_actor_rss_mb, 1)},
+                    "pools": TIMINGS.pools})
     storage.write_json_atomic(outputs.summary, summary)
     _print_summary(summary, outputs)
 
