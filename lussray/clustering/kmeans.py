@@ -459,7 +459,7 @@ def _shard_actors(paths: list[str], num_actors: int, column: str, normalize_rows
     # every actor holds its part of the embeddings for the whole run: all must be placed at once
     ray_cluster.require(ray_cluster.Demand(
         "k-means actors", len(groups), cpus_per_actor, gpus_per_actor, f"{keys}.kmeans_actors",
-        "cpus_per_actor (k-means)", f"{keys}.gpus_per_actor"), ray_cluster.current_config())
+        f"{keys}.kmeans_cpus_per_actor", f"{keys}.gpus_per_actor"), ray_cluster.current_config())
     remote = ray.remote(EmbeddingShard).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
     return ShardActors(groups, lambda group: remote.remote(
         group, column, normalize_rows, spherical, gpus_per_actor > 0, max(1, int(cpus_per_actor)), engine))

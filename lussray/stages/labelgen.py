@@ -350,9 +350,16 @@ class Timings:
     seconds: dict[str, float]
     peak_actor_rss_mb: float = 0.0
     pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    driver_rss_mb: dict[str, float] = field(default_factory=dict)  # the driver's peak by the end of each step
+    actor_rss_mb: dict[str, float] = field(default_factory=dict)  # the actors' peak per pool pass
 
     def step(self, name: str, started: float) -> None:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+        self.driver_rss_mb[name] = round(peak_rss_mb(), 1)
+
+    def actor_peak(self, what: str, rss_mb: float) -> None:
+        self.peak_actor_rss_mb = max(self.peak_actor_rss_mb, rss_mb)
+        self.actor_rss_mb[what] = round(max(self.actor_rss_mb.get(what, 0.0), rss_mb), 1)
 
 
 TIMINGS = Timings({})
@@ -388,7 +395,7 @@ def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, 
     started, images = time.perf_counter(), 0
     for done, row in enumerate(ray_cluster.checked(dataset.iter_rows(), f"[{STAGE}] {what}"), start=1):
         images += int(row["num_images"])
-        TIMINGS.peak_actor_rss_mb = max(TIMINGS.peak_actor_rss_mb, float(row["peak_rss_mb"]))
+        TIMINGS.actor_peak(what, float(row["peak_rss_mb"]))
         elapsed = time.perf_counter() - started
         print(f"[{STAGE}] {what}: shard {done}/{len(jobs)} {os.path.basename(str(row['shard']))} "
               f"({images} images, {images / max(elapsed, 1e-9):.1f} img/s, "
@@ -523,13 +530,15 @@ def cluster(config: LussConfig, files: list[str], outputs: Outputs, num_clusters
     cfg = config.labelgen
     result = sharded_kmeans(files, num_clusters, num_actors=cfg.kmeans_actors, niter=cfg.kmeans_iterations,
                             nredo=cfg.kmeans_redo, seed=cfg.kmeans_seed, spherical=cfg.spherical,
-                            normalize_rows=True, gpus_per_actor=cfg.gpus_per_actor)
+                            normalize_rows=True, gpus_per_actor=cfg.gpus_per_actor,
+                            cpus_per_actor=cfg.kmeans_cpus_per_actor)
     buffer = io.BytesIO()
     np.save(buffer, result.centroids.astype(np.float32))
     storage.write_json_atomic(outputs.kmeans, {
         "num_clusters": num_clusters, "num_points": result.num_points, "dim": result.dim,
         "objective": result.objective, "iteration_objectives": result.iteration_objectives,
-        "seconds": result.seconds, "actors": cfg.kmeans_actors, "redo": cfg.kmeans_redo})
+        "seconds": result.seconds, "actors": cfg.kmeans_actors, "redo": cfg.kmeans_redo,
+        "peak_rss_mb_per_actor": result.peak_rss_mb_per_actor, "rebuilds": result.rebuilds})
     storage.write_bytes_atomic(outputs.centroids, buffer.getvalue())
     print(f"[{STAGE}] kmeans: K={num_clusters} over {result.num_points} images, objective {result.objective:.4g}, "
           f"{result.seconds:.1f} s", flush=True)
@@ -718,7 +727,8 @@ def _generate(config: LussConfig, data: str, outputs: Outputs, checkpoint: str, 
     TIMINGS.step("metrics", step_started)
     summary.update({"seconds": round(time.perf_counter() - started, 1), "step_seconds": TIMINGS.seconds,
                     "peak_rss_mb": {"driver": round(peak_rss_mb(), 1),
-                                    "actor": round(TIMINGS.peak_actor_rss_mb, 1)},
+                                    "actor": round(TIMINGS.peak_actor_rss_mb, 1),
+                                    "driver_by_step": TIMINGS.driver_rss_mb, "actor_by_pass": TIMINGS.actor_rss_mb},
                     "pools": TIMINGS.pools})
     storage.write_json_atomic(outputs.summary, summary)
     _print_summary(summary, outputs)
