@@ -83,17 +83,19 @@ def processes(*, under: int | None = None, session: int | None = None) -> dict[i
     return {pid: _cmdline(pid) for pid in sorted(found)}
 
 
-def wait_for_process(prefix: str, *, under: int | None = None, session: int | None = None, timeout_s: float,
-                     running: Callable[[], bool] = lambda: True) -> int:
-    """The pid of the first process (see :func:`processes`) whose command line starts with ``prefix``.
+def wait_for_process(match: str | Callable[[str], bool], *, under: int | None = None, session: int | None = None,
+                     timeout_s: float, running: Callable[[], bool] = lambda: True) -> int:
+    """The pid of the first process (see :func:`processes`) whose command line matches.
 
-    Ray names a worker after what it runs: ``ray::EmbeddingShard`` idle, ``ray::EmbeddingShard.load``
-    while in that method. Raises AssertionError after ``timeout_s`` or once ``running()`` is false.
+    ``match`` is a prefix or a predicate of the command line. Ray names a worker after what it runs:
+    ``ray::EmbeddingShard`` idle, ``ray::EmbeddingShard.load`` while in that method. Raises
+    AssertionError after ``timeout_s`` or once ``running()`` is false.
     """
+    test = match if callable(match) else (lambda command: command.startswith(match))
     deadline = time.time() + timeout_s
     while time.time() < deadline and running():
         for pid, command in processes(under=under, session=session).items():
-            if command.startswith(prefix):
+            if test(command):
                 return pid
         time.sleep(0.01)
-    raise AssertionError(f"no process {prefix!r} appeared ({'deadline passed' if running() else 'the run ended'})")
+    raise AssertionError(f"no process {match!r} appeared ({'deadline passed' if running() else 'the run ended'})")
