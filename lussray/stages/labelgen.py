@@ -271,31 +271,73 @@ class LabelShards(_ModelActor):
     ``mode == "write"``: a pseudo-label shard (image bytes + label PNG) and its ``.done.json``.
     ``mode == "stats"``: the evaluator's per-image statistics against the shard's ground truth at
     the thresholds ``taus`` (pickled, for the driver's :class:`~lussray.eval.sweep.TauSweep`).
+
+    Images are decoded in a prefetch thread and labelled in batches of up to ``batch_size`` images
+    and ``max_batch_pixels`` input pixels; images of one input shape share a forward pass.
     """
 
     def __init__(self, *args, centroids: np.ndarray, tau: float, num_classes: int, score_scale: str = "absolute",
-                 taus: list[float] | None = None, png_root: str | None = None, **kwargs) -> None:
+                 taus: list[float] | None = None, png_root: str | None = None, batch_size: int = 1,
+                 max_batch_pixels: int | None = None, **kwargs) -> None:
         import torch
 
         super().__init__(*args, **kwargs)
         self.centroids = torch.tensor(np.asarray(centroids, np.float32), device=self.device)
         self.tau, self.num_classes, self.taus, self.png_root = tau, num_classes, taus, png_root
         self.score_scale = score_scale
+        self.batch_size, self.max_batch_pixels = batch_size, max_batch_pixels
 
     def pixel_maps(self, jpeg: bytes) -> tuple[np.ndarray, np.ndarray]:
         """Cluster ids (1..K) and foreground scores at the image's own resolution."""
+        from lussray.data.augment import decode_image
+
+        return self.pixel_maps_batch([decode_image(jpeg)])[0]
+
+    def pixel_maps_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`pixel_maps` of decoded uint8 (H, W, 3) images; one forward pass per input shape."""
         import torch
 
         from lussray.clustering.pixel_labels import assign_pixels, foreground_scores
-        from lussray.data.augment import decode_image, resize_shorter_side
+        from lussray.data.augment import resize_shorter_side
 
-        image = decode_image(jpeg)
-        size = image.shape[:2]
-        with torch.inference_mode():
-            features, attention = self.model.attention_maps(self._normalize(resize_shorter_side(image, self.short_side)[None]))
-            ids = assign_pixels(features, self.centroids, size)[0]
-            scores = foreground_scores(attention, size, self.score_scale)[0]
-        return ids.cpu().numpy(), scores.cpu().numpy()
+        inputs = [resize_shorter_side(image, self.short_side) for image in images]
+        groups: dict[tuple, list[int]] = {}
+        for i, (image, resized) in enumerate(zip(images, inputs)):
+            groups.setdefault((resized.shape, image.shape[:2]), []).append(i)
+        out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(images)  # type: ignore[list-item]
+        for (_, size), members in groups.items():
+            with torch.inference_mode():
+                features, attention = self.model.attention_maps(self._normalize(np.stack([inputs[i] for i in members])))
+                ids = assign_pixels(features, self.centroids, size).cpu().numpy()
+                scores = foreground_scores(attention, size, self.score_scale).cpu().numpy()
+            for row, i in enumerate(members):
+                out[i] = (ids[row], scores[row])
+        return out
+
+    def _labelled(self, shard: str, wanted=lambda members: True) -> Iterator[tuple[str, dict, np.ndarray, np.ndarray]]:
+        """``(key, members, ids, scores)`` of the shard's samples that are ``wanted``, in shard order."""
+        for batch in prefetched(self._decoded(shard, wanted), PREFETCH_BATCHES):
+            maps = self.pixel_maps_batch([image for _, _, image in batch])
+            for (key, members, _), (ids, scores) in zip(batch, maps):
+                yield key, members, ids, scores
+
+    def _decoded(self, shard: str, wanted) -> Iterator[list[tuple[str, dict, np.ndarray]]]:
+        """Batches of ``(key, members, image)``, bounded in images and in pixels."""
+        from lussray.data.augment import decode_image
+        from lussray.data.shards import iter_tar
+
+        batch, pixels = [], 0
+        for key, members in iter_tar(shard):
+            if not wanted(members):
+                continue
+            image = decode_image(members["jpg"])
+            batch.append((key, members, image))
+            pixels += image.shape[0] * image.shape[1]
+            if len(batch) >= self.batch_size or (self.max_batch_pixels and pixels >= self.max_batch_pixels):
+                yield batch
+                batch, pixels = [], 0
+        if batch:
+            yield batch
 
     def process(self, job: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -304,14 +346,10 @@ class LabelShards(_ModelActor):
 
     def _stats(self, job: dict[str, Any]) -> dict[str, Any]:
         from lussray.data.imagenet_s import label_from_png_bytes
-        from lussray.data.shards import iter_tar
         from lussray.eval.stats import image_stats
 
         stats = []
-        for key, members in iter_tar(str(job["shard"])):
-            if "seg.png" not in members:
-                continue
-            ids, scores = self.pixel_maps(members["jpg"])
+        for key, members, ids, scores in self._labelled(str(job["shard"]), lambda members: "seg.png" in members):
             stats.append(image_stats(ids, label_from_png_bytes(members["seg.png"]), self.num_classes,
                                      scores=scores, taus=np.asarray(self.taus), key=key))
         return {"num_images": len(stats), "stats": pickle.dumps(stats)}
@@ -319,14 +357,13 @@ class LabelShards(_ModelActor):
     def _write(self, job: dict[str, Any]) -> dict[str, Any]:
         from lussray.clustering.pixel_labels import apply_threshold, label_histogram
         from lussray.data.imagenet_s import label_to_png_bytes
-        from lussray.data.shards import iter_tar, write_tar
+        from lussray.data.shards import write_tar
 
         num_clusters = self.centroids.shape[0]
         histogram = np.zeros(num_clusters + 1, np.int64)
 
         def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
-            for key, members in iter_tar(str(job["shard"])):
-                ids, scores = self.pixel_maps(members["jpg"])
+            for key, members, ids, scores in self._labelled(str(job["shard"])):
                 labels = apply_threshold(ids, scores, self.tau)
                 histogram[:] += label_histogram(labels, num_clusters)
                 png = label_to_png_bytes(labels)
@@ -709,7 +746,8 @@ def _generate(config: LussConfig, data: str, outputs: Outputs, checkpoint: str, 
     TIMINGS.step("kmeans", step_started)
     label_kwargs = {**dict(zip(("checkpoint", "model_kwargs", "short_side", "torch_threads"), actor_args)),
                     "centroids": centroids, "tau": 0.0, "num_classes": config.dataset.num_classes,
-                    "score_scale": cfg.score_scale}
+                    "score_scale": cfg.score_scale, "batch_size": cfg.batch_size,
+                    "max_batch_pixels": cfg.batch_size * cfg.crop_size ** 2}  # an embedding batch's input pixels
     step_started = time.perf_counter()
     tau = choose_tau(config, data, outputs, label_kwargs, tau)
     TIMINGS.step("tau", step_started)
