@@ -211,12 +211,27 @@ class SplitListing:
 
     def sample(self, index: int) -> Sample:
         """The :class:`Sample` at ``index`` (the order of :func:`list_split`)."""
-        category = int(np.searchsorted(self.starts, index, side="right")) - 1
-        wnid, name = self.wnids[category], self.names[index].decode()
-        stem = os.path.splitext(name)[0]
-        label = Path(self.root) / segmentation_dir(self.split) / wnid / f"{stem}.png"
-        return Sample(key=f"{wnid}/{stem}", wnid=wnid, image_path=Path(self.root) / self.split / wnid / name,
-                      label_path=label if self.labelled[index] else None)
+        return self.samples(np.asarray([index]))[0]
+
+    def samples(self, indices: np.ndarray) -> list[Sample]:
+        """The :class:`Sample` of every index of ``indices``."""
+        images, labels = Path(self.root) / self.split, Path(self.root) / segmentation_dir(self.split)
+        out = []
+        for category, name, labelled in zip(self._categories(indices), self.names[indices], self.labelled[indices]):
+            wnid, name = self.wnids[category], name.decode()
+            stem = os.path.splitext(name)[0]
+            out.append(Sample(key=f"{wnid}/{stem}", wnid=wnid, image_path=images / wnid / name,
+                              label_path=labels / wnid / f"{stem}.png" if labelled else None))
+        return out
+
+    def image_paths(self, indices: np.ndarray) -> list[str]:
+        """The image file of every index of ``indices`` (plain strings: no :class:`Sample` built)."""
+        folder = os.path.join(self.root, self.split)
+        return [os.path.join(folder, self.wnids[category], name.decode())
+                for category, name in zip(self._categories(indices), self.names[indices])]
+
+    def _categories(self, indices: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, np.asarray(indices, np.int64), side="right") - 1
 
     def has_labels(self) -> bool:
         """Whether any image has ground truth."""

@@ -117,6 +117,7 @@ class ShardPlan:
 
 #: Seed of the sample order in shards (fixed, so that a resumed prepare plans the same shards).
 ORDER_SEED = 0
+LAYOUT_BLOCK = 4096  # images whose paths are built at once while cutting shards
 
 
 def mixed_indices(count: int) -> np.ndarray:
@@ -147,7 +148,9 @@ class Listing(Protocol):
 
     def __len__(self) -> int: ...
 
-    def sample(self, index: int) -> Sample: ...
+    def samples(self, indices: np.ndarray) -> list[Sample]: ...
+
+    def image_paths(self, indices: np.ndarray) -> list[str]: ...
 
     def has_labels(self) -> bool: ...
 
@@ -155,8 +158,11 @@ class Listing(Protocol):
 class SampleList(list):
     """A list of samples (the scene layouts') with the :class:`Listing` interface."""
 
-    def sample(self, index: int) -> Sample:
-        return self[index]
+    def samples(self, indices: np.ndarray) -> list[Sample]:
+        return [self[int(i)] for i in indices]
+
+    def image_paths(self, indices: np.ndarray) -> list[str]:
+        return [str(self[int(i)].image_path) for i in indices]
 
     def has_labels(self) -> bool:
         return any(sample.label_path is not None for sample in self)
@@ -181,8 +187,7 @@ class ShardLayout:
 
     def plan(self, index: int) -> ShardPlan:
         start, end = self.bounds[index]
-        return ShardPlan(self.split, index, tuple(self.listing.sample(int(i)) for i in self.order[start:end]),
-                         self.context)
+        return ShardPlan(self.split, index, tuple(self.listing.samples(self.order[start:end])), self.context)
 
 
 def layout_shards(listing: Listing, split: str, samples_per_shard: int, max_shard_bytes: int,
@@ -191,12 +196,14 @@ def layout_shards(listing: Listing, split: str, samples_per_shard: int, max_shar
     order = mixed_indices(len(listing))
     bounds: list[tuple[int, int]] = []
     start, current_bytes = 0, 0
-    for position, index in enumerate(order):
-        size = listing.sample(int(index)).image_path.stat().st_size
-        if position > start and (position - start >= samples_per_shard or current_bytes + size > max_shard_bytes):
-            bounds.append((start, position))
-            start, current_bytes = position, 0
-        current_bytes += size
+    for block in range(0, len(order), LAYOUT_BLOCK):  # paths built a block at a time
+        paths = listing.image_paths(order[block : block + LAYOUT_BLOCK])
+        for position, path in enumerate(paths, start=block):
+            size = os.stat(path).st_size
+            if position > start and (position - start >= samples_per_shard or current_bytes + size > max_shard_bytes):
+                bounds.append((start, position))
+                start, current_bytes = position, 0
+            current_bytes += size
     if len(order) > start:
         bounds.append((start, len(order)))
     return ShardLayout(listing, order, tuple(bounds), split, context)
