@@ -294,13 +294,23 @@ def main() -> None:
         return
     print(f"bench_scale: sizes {args.sizes}, load average {os.getloadavg()}", flush=True)
     results = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for images in args.sizes:
         print(f"bench_scale: {images} images ...", flush=True)
         results[images] = measure(images, args)
         print_size(images, results[images])
+        write_json(out, summarize(results), results)  # what ran so far, should a later size not finish
     print_growth(results)
-    summary = {
-        "sizes": args.sizes,
+    summary = summarize(results)
+    write_json(out, summary, results)
+    print(json.dumps(summary))
+
+
+def summarize(results: dict[int, dict]) -> dict:
+    """Per-size seconds (per stage, total) and peak memory (driver, largest actor, k-means actor, Ray)."""
+    return {
+        "sizes": sorted(results),
         "seconds": {str(n): {**{name: row["seconds"] for name, row in stages.items()},
                              "total": round(sum(row["seconds"] for name, row in stages.items()
                                                 if name not in LABELGEN_STEPS), 1)}
@@ -312,11 +322,11 @@ def main() -> None:
                                  "ray_system": max(row["peak_rss_mb_ray_system"] for row in stages.values())}
                         for n, stages in results.items()},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(out: Path, summary: dict, results: dict[int, dict]) -> None:
     (out / "bench_scale.json").write_text(json.dumps({**summary, "stages": {str(n): s for n, s in results.items()},
                                                       "load_average_end": os.getloadavg()}, indent=2))
-    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
