@@ -9,7 +9,7 @@ For each size N (training images; validation is N / 20, 50 classes, 64 x 96 px i
 2. ``prepare``: train and validation webdataset shards of ``--samples-per-shard`` images;
 3. ``lussray labelgen`` with a random stage-2 checkpoint (ResNet-18 with pixel attention):
    ``embed`` (the actor pool), ``kmeans`` (K = 50, sharded, one actor per ``--rows-per-kmeans-actor``
-   embeddings so that each actor holds the same share at every size: 2, 10, 20 actors at the
+   embeddings, so that each actor holds about the same share at every size: 1, 4, 8 actors at the
    default sizes), ``tau`` (the sweep on validation), ``pseudo_labels`` (the pseudo-label shards);
 4. ``lussray predict`` on validation with a random segmenter (K = 50 + other), matched and scored.
 
@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench-out" / "scale"))
     parser.add_argument("--workers", type=int, default=2, help="processes of the generator and of prepare")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--rows-per-kmeans-actor", type=int, default=10_000)
+    parser.add_argument("--rows-per-kmeans-actor", type=int, default=25_000)
     parser.add_argument("--fresh", action="store_true", help="regenerate and prepare the inputs again")
     parser.add_argument("--part", choices=["generate"], help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, help=argparse.SUPPRESS)

@@ -29,6 +29,7 @@ refused (``--overwrite`` removes the folder and generates the labels again).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -190,18 +191,18 @@ class EmbedShards(_ModelActor):
         began, started = time.time(), time.perf_counter()
         timing = {"decode_s": 0.0, "forward_s": 0.0, "input_wait_s": 0.0}
         keys, chunks = [], []
-        batches = prefetched(self._batches(str(job["shard"]), timing), PREFETCH_BATCHES)
-        while True:
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            timing["input_wait_s"] += time.perf_counter() - waited
-            if batch is None:
-                break
-            computed = time.perf_counter()
-            with torch.inference_mode():
-                chunks.append(self.model.cluster_embedding(self._normalize(batch[1])).float().cpu().numpy())
-            timing["forward_s"] += time.perf_counter() - computed
-            keys.extend(batch[0])
+        with contextlib.closing(prefetched(self._batches(str(job["shard"]), timing), PREFETCH_BATCHES)) as batches:
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                timing["input_wait_s"] += time.perf_counter() - waited
+                if batch is None:
+                    break
+                computed = time.perf_counter()
+                with torch.inference_mode():
+                    chunks.append(self.model.cluster_embedding(self._normalize(batch[1])).float().cpu().numpy())
+                timing["forward_s"] += time.perf_counter() - computed
+                keys.extend(batch[0])
         written = time.perf_counter()
         embeddings = np.concatenate(chunks).astype(np.float32)
         table = pa.table({"key": pa.array(keys, pa.string()),
