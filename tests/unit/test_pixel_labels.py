@@ -51,23 +51,3 @@ def test_threshold_sets_low_scores_to_other():
 def test_histogram_counts_zero_to_k():
     assert label_histogram(np.array([[0, 2], [2, 2]]), 3).tolist() == [1, 0, 3, 0]
 
-
-def test_labelgen_batches_give_the_pixel_maps_of_one_image_at_a_time(tmp_path):
-    from lussray.models.pass_model import PixelAttentionModel
-    from lussray.stages.labelgen import LabelShards
-
-    torch.manual_seed(0)
-    model = {"arch": "resnet18", "hidden_dim": 16, "feat_dim": 8, "num_prototypes": 4, "shallow_stages": ()}
-    torch.save({"model": PixelAttentionModel(**model).state_dict()}, tmp_path / "attention.pt")
-    labeller = LabelShards(str(tmp_path / "attention.pt"), {**model, "shallow_stages": []}, 32, 1,
-                           centroids=np.random.default_rng(0).standard_normal((3, 512)), tau=0.5, num_classes=3,
-                           score_scale="absolute", batch_size=8)
-    rng = np.random.default_rng(1)
-    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(40, 52, 3), (48, 48, 3), (40, 52, 3),
-                                                                          (33, 64, 3), (48, 48, 3)]]
-    batched = labeller.pixel_maps_batch(images)
-    for image, (ids, scores) in zip(images, batched):
-        alone_ids, alone_scores = labeller.pixel_maps_batch([image])[0]
-        assert ids.shape == scores.shape == image.shape[:2]
-        assert (ids == alone_ids).mean() > 0.99  # batched convolutions may round differently: rare ties flip
-        np.testing.assert_allclose(scores, alone_scores, atol=1e-5)
