@@ -446,8 +446,9 @@ class PoolStats:
 
     Kept per actor (a handful of numbers each, whatever the number of shards or images):
 
-    - ``startup_s``: from the start of the pass until the last actor began its first shard
-      (process start, imports, model load, Ray Data's first dispatch);
+    - ``ready_s``: from the start of the pass until the last actor had loaded its model
+      (process start, imports, model load); ``startup_s``: until the last actor began its first
+      shard (Ray Data's first dispatch too);
     - ``steady_images_per_s``: the sum over actors of images / (end of its last shard - start of
       its first), i.e. the rate once every actor works;
     - ``shares``: where the actors' steady-state time went (forward pass, waiting for input,
@@ -464,6 +465,7 @@ class PoolStats:
     def add(self, row: dict[str, Any]) -> None:
         """Account one result row of :class:`EmbedShards`."""
         actor = self.actors.setdefault(int(row["pid"]), {"began": math.inf, "ended": 0.0,
+                                                          "ready_at": float(row["ready_at"]),
                                                           **{name: 0.0 for name in self.FIELDS}})
         actor["began"] = min(actor["began"], float(row["began"]))
         actor["ended"] = max(actor["ended"], float(row["ended"]))
@@ -481,6 +483,7 @@ class PoolStats:
                   for name in ("forward_s", "input_wait_s", "write_s")}
         shares["other"] = 1.0 - sum(shares.values())
         return {"actors": len(actors), "images": int(sum(a["num_images"] for a in actors)),
+                "ready_s": round(max(a["ready_at"] for a in actors) - self.started, 2),
                 "startup_s": round(max(a["began"] for a in actors) - self.started, 2),
                 "seconds": round(max(a["ended"] for a in actors) - self.started, 2),
                 "steady_images_per_s": round(sum(a["num_images"] / w for a, w in zip(actors, windows)), 1),

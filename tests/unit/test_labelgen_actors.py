@@ -69,9 +69,10 @@ def test_pool_stats_separate_start_up_from_the_steady_rate():
     row = {"forward_s": 0.8, "input_wait_s": 0.1, "write_s": 0.05, "decode_s": 0.3, "num_images": 100}
     for pid, began in ((1, start + 10), (2, start + 12)):  # two actors up after 10 and 12 s
         for shard in range(3):
-            stats.add({**row, "pid": pid, "began": began + shard, "ended": began + shard + 1})
+            stats.add({**row, "pid": pid, "began": began + shard, "ended": began + shard + 1, "ready_at": began - 1})
     figures = stats.summary()
     assert figures["actors"] == 2 and figures["images"] == 600 and figures["startup_s"] == 12.0
+    assert figures["ready_s"] == 11.0
     assert figures["steady_images_per_s"] == pytest.approx(200.0)  # each actor: 300 images in 3 s
     assert figures["shares"] == pytest.approx({"forward": 0.8, "input_wait": 0.1, "write": 0.05, "other": 0.05})
     assert figures["decode_share"] == pytest.approx(0.3)
