@@ -118,7 +118,8 @@ def row_of(summary: dict) -> dict:
     """The figures of one labelgen run."""
     embed = summary["pools"]["embed"]
     return {"images": summary["images"], "embed_s": summary["step_seconds"]["embed"],
-            "startup_s": embed["startup_s"], "pool_images_per_s": embed["steady_images_per_s"],
+            "ready_s": embed["ready_s"], "startup_s": embed["startup_s"],
+            "pool_images_per_s": embed["steady_images_per_s"],
             "wall_images_per_s": summary["images"] / summary["step_seconds"]["embed"],
             "shares": embed["shares"], "decode_share": embed["decode_share"],
             "kmeans_s": summary["step_seconds"]["kmeans"], "pseudo_labels_s": summary["step_seconds"]["pseudo_labels"],
@@ -160,6 +161,7 @@ def main() -> None:
         "bare_images_per_s": round(bare_rate, 1),
         "pool_over_bare": round(large["pool_images_per_s"] / bare_rate, 3),
         "startup_s": large["startup_s"],
+        "ready_s": large["ready_s"],
         "wall_images_per_s": round(large["wall_images_per_s"], 1),
         "bare_runs_images_per_s": {name: round(value, 1) for name, value in bare_rates.items()},
         "peak_rss_mb_small": round(max(small["peak_rss_mb_driver"], small["peak_rss_mb_actor"]), 1),
