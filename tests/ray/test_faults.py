@@ -316,7 +316,7 @@ def test_training_with_an_object_store_smaller_than_its_read_ahead_spills_and_fi
                                      "ingest.map_batch_size=16", "ingest.cpus_per_map_task=0.5"],
                                     env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         _finish(proc, log, 600)
-        spilled = _wait_for(lambda: _spill_requests(temp_dir), 60, "a spill in the raylet's state dump")
+        spilled = _wait_for(lambda: _spill_requests(temp_dir), 60, "spill in the raylet's state dump")
     finally:
         if proc is not None and proc.poll() is None:
             kill_driver(proc)
