@@ -23,7 +23,7 @@ k-means actors are shown apart: each holds N / actors embeddings by design.
 Results: a table per size, a growth table (seconds per 1,000 images and peak memory against the
 smallest size), ``<out>/bench_scale.json``; the last line printed is one JSON object with
 per-size ``seconds`` (per stage and total) and ``peak_rss_mb`` (driver, largest actor, largest
-k-means actor). Inputs are reused when a size was generated before (``--fresh`` regenerates).
+k-means actor). A rerun keeps the stages already measured (``--fresh`` measures all again).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def descendants(root: int) -> list[int]:
 RAY_START_TIMEOUT = "The current node timed out during startup"
 
 
-def run_stage(name: str, command: list[str], log: Path, attempts: int = 3) -> tuple[float, dict[str, float]]:
+def run_stage(name: str, command: list[str], log: Path, attempts: int = 10) -> tuple[float, dict[str, float]]:
     """Run one stage's command with its output in ``log``; (seconds, peak memory by kind).
 
     A stage whose private Ray cluster did not start (before any work) is started again.
@@ -190,43 +190,52 @@ def checkpoints(folder: Path) -> tuple[Path, Path]:
 
 
 def measure(images: int, args: argparse.Namespace) -> dict:
-    """Every stage at one size; {stage: figures}."""
+    """Every stage at one size; {stage: figures}.
+
+    Each stage's figures are kept in ``<size>/<stage>.figures.json``: a rerun of the bench (after
+    a failure, or with more sizes) keeps what was measured and runs only the stages without them,
+    from scratch (their outputs are removed first).
+    """
     folder = Path(args.out) / f"n{images}"
     if args.fresh and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tree, shards, run = folder / "tree", folder / "shards", folder / "run"
-    shutil.rmtree(run, ignore_errors=True)  # the stages are timed from scratch; the inputs are reused
     train, validation = images // CLASSES * CLASSES, max(1, images // CLASSES // VALIDATION_SHARE) * CLASSES
-    stages: dict[str, dict] = {}
     py, lussray = sys.executable, [sys.executable, "-m", "lussray.cli"]
+    stages: dict[str, dict] = {}
 
-    if not (tree / "synth.json").exists():
-        seconds, peaks = run_stage("generate", [py, __file__, "--part", "generate", "--images", str(images),
-                                                "--workers", str(args.workers), "--out", str(tree)],
-                                   folder / "generate.log")
-        stages["generate"] = figures(seconds, train + validation, peaks, folder_bytes(tree))
-    if not (shards / "validation" / "manifest.json").exists():
-        seconds, peaks = run_stage("prepare", [*lussray, "prepare", "--src", str(tree), "--out", str(shards),
-                                               "--splits", "train", "validation", "--workers", str(args.workers),
-                                               "--samples-per-shard", str(args.samples_per_shard),
-                                               f"dataset.num_classes={CLASSES}"], folder / "prepare.log")
-        stages["prepare"] = figures(seconds, train + validation, peaks, folder_bytes(shards))
+    def stage(name: str, output: Path, command: list[str]) -> tuple[float, dict] | None:
+        record = folder / f"{name}.figures.json"
+        if record.exists():
+            stages.update(json.loads(record.read_text()))
+            return None
+        shutil.rmtree(output, ignore_errors=True)
+        return run_stage(name, command, folder / f"{name}.log")
+
+    def keep(name: str, rows: dict) -> None:
+        (folder / f"{name}.figures.json").write_text(json.dumps(rows))
+        stages.update(rows)
+
+    if ran := stage("generate", tree, [py, __file__, "--part", "generate", "--images", str(images),
+                                       "--workers", str(args.workers), "--out", str(tree)]):
+        keep("generate", {"generate": figures(ran[0], train + validation, ran[1], folder_bytes(tree))})
+    if ran := stage("prepare", shards, [*lussray, "prepare", "--src", str(tree), "--out", str(shards), "--splits",
+                                        "train", "validation", "--workers", str(args.workers), "--samples-per-shard",
+                                        str(args.samples_per_shard), f"dataset.num_classes={CLASSES}"]):
+        keep("prepare", {"prepare": figures(ran[0], train + validation, ran[1], folder_bytes(shards))})
     attention, segmenter = checkpoints(folder)
-
     kmeans_actors = max(1, -(-train // args.rows_per_kmeans_actor))
-    seconds, peaks = run_stage("labelgen", [
-        *lussray, "labelgen", "--data", str(shards), "--run", str(run), "--checkpoint", str(attention),
-        *OVERRIDES, *LABELGEN, f"labelgen.kmeans_actors={kmeans_actors}",
-        f"labelgen.kmeans_cpus_per_actor={min(1.0, 2.0 / kmeans_actors):.3f}"], folder / "labelgen.log")
-    stages.update(labelgen_steps(run / "labelgen", train, validation, peaks, kmeans_actors))
-    stages["labelgen_total"] = figures(seconds, train, peaks, folder_bytes(run / "labelgen"))
-
+    if ran := stage("labelgen", run / "labelgen", [
+            *lussray, "labelgen", "--data", str(shards), "--run", str(run), "--checkpoint", str(attention),
+            *OVERRIDES, *LABELGEN, f"labelgen.kmeans_actors={kmeans_actors}",
+            f"labelgen.kmeans_cpus_per_actor={min(1.0, 2.0 / kmeans_actors):.3f}"]):
+        keep("labelgen", {**labelgen_steps(run / "labelgen", train, validation, ran[1], kmeans_actors),
+                          "labelgen_total": figures(ran[0], train, ran[1], folder_bytes(run / "labelgen"))})
     out = run / "predict" / "validation"
-    seconds, peaks = run_stage("predict", [*lussray, "predict", "--split", "validation", "--data", str(shards),
-                                           "--checkpoint", str(segmenter), "--out", str(out), *OVERRIDES, *PREDICT],
-                               folder / "predict.log")
-    stages["predict"] = figures(seconds, validation, peaks, folder_bytes(out))
+    if ran := stage("predict", out, [*lussray, "predict", "--split", "validation", "--data", str(shards),
+                                     "--checkpoint", str(segmenter), "--out", str(out), *OVERRIDES, *PREDICT]):
+        keep("predict", {"predict": figures(ran[0], validation, ran[1], folder_bytes(out))})
     return stages
 
 
