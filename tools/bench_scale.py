@@ -5,7 +5,10 @@
 For each size N (training images; validation is N / 20, 50 classes, 64 x 96 px images):
 
 1. ``generate``: the synthetic ImageNet-S tree (``lussray.data.synthetic.generate_dataset``, in
-   ``--workers`` processes, one chunk of one class in memory per process);
+   ``--workers`` processes, one chunk of one class in memory per process); with ``--render-once``
+   only the smallest size is rendered and the larger trees copy its files under new names
+   (:func:`repeat_tree`: rendering is the slowest part on a loaded 2-core machine, and the stages
+   measured need the number of images, not new pixels);
 2. ``prepare``: train and validation webdataset shards of ``--samples-per-shard`` images;
 3. ``lussray labelgen`` with a random stage-2 checkpoint (ResNet-18 with pixel attention):
    ``embed`` (the actor pool), ``kmeans`` (K = 50, sharded, one actor per ``--rows-per-kmeans-actor``
@@ -169,6 +172,35 @@ def generate(out: Path, images: int, workers: int) -> None:
                      test_per_class=0, semi_per_class=0, size=IMAGE_SIZE, seed=0, workers=workers, log=print)
 
 
+def repeat_tree(pool: Path, out: Path, images: int) -> None:
+    """A tree of ``images`` training images (and images / 20 validation ones with ground truth) under new
+    names, whose files are copies of the rendered ``pool`` tree's, cycled class by class.
+
+    Rendering runs at 20-300 images/s on 2 shared cores; the stages measured here only need the
+    number of images (their bytes repeat every ``len(pool)`` images).
+    """
+    from lussray.data.imagenet_s import segmentation_dir
+
+    per_class, val_per_class = images // CLASSES, max(1, images // CLASSES // VALIDATION_SHARE)
+    wnids = sorted(path.name for path in (pool / "train").iterdir())
+    (out / "categories.txt").parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pool / "categories.txt", out / "categories.txt")
+    for c, wnid in enumerate(wnids):
+        for split, count in (("train", per_class), ("validation", val_per_class)):
+            sources = sorted((pool / split / wnid).iterdir())
+            (out / split / wnid).mkdir(parents=True, exist_ok=True)
+            if split == "validation":
+                (out / segmentation_dir(split) / wnid).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                source = sources[i % len(sources)]
+                name = f"{wnid}_{i}" if split == "train" else f"ILSVRC2012_val_{c * count + i + 1:08d}"
+                shutil.copyfile(source, out / split / wnid / f"{name}.JPEG")
+                if split == "validation":
+                    shutil.copyfile(pool / segmentation_dir(split) / wnid / f"{source.stem}.png",
+                                    out / segmentation_dir(split) / wnid / f"{name}.png")
+    print(f"repeated {pool} into {images} training images", flush=True)
+
+
 def checkpoints(folder: Path) -> tuple[Path, Path]:
     """A random stage-2 (pixel attention) checkpoint and a random segmenter checkpoint."""
     import torch
@@ -217,8 +249,10 @@ def measure(images: int, args: argparse.Namespace) -> dict:
         (folder / f"{name}.figures.json").write_text(json.dumps(rows))
         stages.update(rows)
 
+    pool = Path(args.out) / f"n{min(args.sizes)}" / "tree"
+    repeat = ["--pool", str(pool)] if images > min(args.sizes) and args.render_once else []
     if ran := stage("generate", tree, [py, __file__, "--part", "generate", "--images", str(images),
-                                       "--workers", str(args.workers), "--out", str(tree)]):
+                                       "--workers", str(args.workers), "--out", str(tree), *repeat]):
         keep("generate", {"generate": figures(ran[0], train + validation, ran[1], folder_bytes(tree))})
     if ran := stage("prepare", shards, [*lussray, "prepare", "--src", str(tree), "--out", str(shards), "--splits",
                                         "train", "validation", "--workers", str(args.workers), "--samples-per-shard",
@@ -306,12 +340,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes of the generator and of prepare")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--rows-per-kmeans-actor", type=int, default=25_000)
-    parser.add_argument("--fresh", action="store_true", help="regenerate and prepare the inputs again")
+    parser.add_argument("--fresh", action="store_true", help="measure every stage again, from new inputs")
+    parser.add_argument("--render-once", action="store_true",
+                        help="render only the smallest size; larger trees repeat its files under new names")
+    parser.add_argument("--pool", help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=["generate"], help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part == "generate":
-        generate(Path(args.out), args.images, args.workers)
+        if args.pool:
+            repeat_tree(Path(args.pool), Path(args.out), args.images)
+        else:
+            generate(Path(args.out), args.images, args.workers)
         return
     print(f"bench_scale: sizes {args.sizes}, load average {os.getloadavg()}", flush=True)
     results = {}
