@@ -51,7 +51,7 @@ MANIFEST_FILE = "manifest.json"  # lussray.data.shards.MANIFEST (not imported: s
 NOT_OUTPUT_KEYS = frozenset({
     "cpus_per_worker", "gpus_per_worker", "use_gpu", "max_failures", "log_every_steps", "checkpoint_every_steps",
     "torch_threads", "actor_pool_min", "actor_pool_max", "cpus_per_actor", "gpus_per_actor", "batch_size",
-    "kmeans_actors", "crf_timeout_s",
+    "kmeans_actors", "kmeans_cpus_per_actor", "crf_timeout_s",
 })
 
 _SHOWN_KEYS = 6  # differing keys named in a refusal; the rest are counted

@@ -280,6 +280,8 @@ class LabelgenConfig:
     kmeans_iterations: int = ranged(20, 1)
     kmeans_redo: int = ranged(30, 1)
     kmeans_actors: int = ranged(2, 1)
+    # CPUs per k-means actor (also its search threads, at least 1); fractions pack many actors on a node
+    kmeans_cpus_per_actor: float = ranged(1.0, above=0)
     spherical: bool = False
     actor_pool_min: int = ranged(1, 1)
     actor_pool_max: int = ranged(1, 1)

@@ -54,7 +54,8 @@ def _pool_demands(config) -> list[tuple[str, int, float, float]]:
     """(what, actors, CPUs per actor, GPUs per actor) of every GPU actor pool of a preset."""
     pools = [("labelgen pool", config.labelgen.actor_pool_max, config.labelgen.cpus_per_actor,
               config.labelgen.gpus_per_actor),
-             ("k-means", config.labelgen.kmeans_actors, config.labelgen.cpus_per_actor, config.labelgen.gpus_per_actor)]
+             ("k-means", config.labelgen.kmeans_actors, config.labelgen.kmeans_cpus_per_actor,
+              config.labelgen.gpus_per_actor)]
     if config.predict.gpus_per_actor > 0:
         pools.append(("predict pool", config.predict.actor_pool_max, 1.0, config.predict.gpus_per_actor))
     return pools

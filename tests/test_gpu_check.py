@@ -123,21 +123,6 @@ def test_sections_past_the_budget_are_skipped_as_failures(tmp_path, monkeypatch,
     assert json.loads(out.read_text())["sections"]["late"]["error"].startswith("skipped")
 
 
-@pytest.mark.parametrize("chunk", [7, 64, 1000])
-def test_assign_and_sum_matches_brute_force(chunk):
-    generator = torch.Generator().manual_seed(3)
-    points = torch.randn(301, 5, generator=generator)
-    centroids = torch.randn(9, 5, generator=generator)
-    ids, distances, sums, counts = gpu_check.assign_and_sum(points, centroids, chunk)
-    squared = ((points[:, None, :].double() - centroids[None].double()) ** 2).sum(2)
-    expected = squared.argmin(1)
-    assert torch.equal(ids, expected)
-    assert torch.allclose(distances.double(), squared.min(1).values, rtol=1e-5, atol=1e-4)
-    one_hot = torch.nn.functional.one_hot(expected, 9).double()
-    assert torch.allclose(sums, one_hot.t() @ points.double(), atol=1e-5)
-    assert torch.equal(counts, torch.bincount(expected, minlength=9))
-
-
 @pytest.mark.parametrize("preset", gpu_check.PRESETS, ids=lambda p: p.name)
 def test_presets_match_the_published_configs(preset):
     from lussray.config import load_config

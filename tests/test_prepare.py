@@ -32,6 +32,31 @@ def test_shards_mix_classes_in_a_fixed_order(tmp_path):
     assert len(first_shard_classes) >= 2  # class-sorted shards would give single-class batches
 
 
+def test_plans_keep_the_order_and_fingerprints_of_the_per_sample_planner(tmp_path):
+    """Shards prepared before the compact listing keep their fingerprints (the old planner, transcribed)."""
+    import hashlib
+    import random
+
+    from lussray.data.imagenet_s import list_split
+    from lussray.data.shards import ShardPlan, mixed_indices
+
+    src = make_tree(tmp_path / "tree", wnids=("n001", "n002", "n003"), per_class=7)
+    assert main(["prepare", "--src", str(src), "--out", str(tmp_path / "out"), "--workers", "2",
+                 "--samples-per-shard", "4", "dataset.num_classes=3"]) == 0
+    manifest = read_manifest(str(tmp_path / "out"), "validation")
+    samples = list_split(src, "validation", ("n001", "n002", "n003"))
+    mixed = [samples[i] for i in random.Random(0).sample(range(len(samples)), len(samples))]
+    context = "|".join(f"{key}={value}" for key, value in manifest["inputs"].items() if key != "shard_fingerprints")
+    plans = [ShardPlan("validation", i, tuple(mixed[start:start + 4]), context) for i, start in
+             enumerate(range(0, len(mixed), 4))]
+    assert manifest["inputs"]["shard_fingerprints"] == [plan.fingerprint for plan in plans]
+    assert manifest["plan_fingerprint"] == hashlib.sha256("".join(p.fingerprint for p in plans).encode()).hexdigest()[:16]
+    keys = [key for path in shard_paths(str(tmp_path / "out"), "validation") for key, _ in iter_tar(path)]
+    assert keys == [sample.key for sample in mixed]
+    for count in (0, 1, 6, 7, 1000):
+        assert mixed_indices(count).tolist() == random.Random(0).sample(range(count), count)
+
+
 def test_counts_members_and_skip_report(tmp_path, capsys):
     src = make_tree(tmp_path / "tree", per_class=4)
     corrupt(src / "train" / "n001" / "n001_1.JPEG", "garbage")

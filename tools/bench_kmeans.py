@@ -21,7 +21,8 @@ Seconds per iteration are means over iterations 2..niter (the first one builds i
 up), best of ``--repeats`` alternated runs; they depend on what else runs on the machine: the load
 average is printed. Every measurement
 runs in its own process, so each peak RSS is its own. Then a projection for ImageNet-S919 (1.2M x
-2048, K=919) on 8 GPUs from stated assumptions and the per-point costs measured here.
+2048, K=919) on 8 GPUs from stated assumptions and the costs measured here, for the design that keeps
+each actor's rows on its GPU (only centroids, sums and counts travel).
 
 Results: a table, bench-out/bench_kmeans.json; the last line printed is one JSON object with the
 keys sharded_s_per_iter, faiss_s_per_iter, gemm_bound_s_per_iter, objective_rel_diff.
@@ -48,10 +49,16 @@ from lussray.clustering.kmeans import openblas_env
 
 SEED = 0
 KMEANS_SEED = 1234
+#: What Ray prints when its raylet did not register within its fixed 30 s (a machine loaded by other jobs).
+RAY_START_TIMEOUT = "The current node timed out during startup"
+RAY_START_ATTEMPTS = 10
 # Projection assumptions (estimates, not measurements).
 TARGET = {"points": 1_200_000, "dim": 2048, "k": 919, "gpus": 8, "niter": 20, "nredo": 30}
 ASSUMED_H100_FP32_GEMM_FLOPS = 40e12  # cuBLAS SGEMM reaches ~40 of H100 SXM's 67 TFLOP/s fp32 (no TF32)
 ASSUMED_H2D_BYTES_PER_S = 25e9  # PCIe Gen5 x16 host-to-device, pageable numpy memory
+ASSUMED_NETWORK_BYTES_PER_S = 2.5e9  # 25 Gbit/s into the driver's node: every actor's K x D float64 sums
+ASSUMED_HBM_BYTES_PER_S = 2.0e12  # of H100 SXM's 3.35 TB/s, for streaming kernels (index_add_, casts)
+DEVICE_SUM_BYTES_PER_ELEMENT = 20  # float32 read + float64 written and read back + its atomic add
 
 
 def peak_rss_mb() -> float:
@@ -101,6 +108,27 @@ def run_sharded(paths: list[str], k: int, niter: int, actors: int, out: Path) ->
             "peak_rss_mb_per_actor": result.peak_rss_mb_per_actor, "driver_peak_rss_mb": peak_rss_mb()}
 
 
+def run_overhead(k: int, dim: int, niter: int, actors: int, out: Path) -> dict:
+    """Seconds per iteration of the sharded k-means on 4 K rows: its fixed cost (calls, transfers, update)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from lussray.clustering.kmeans import sharded_kmeans
+
+    folder = out / f"kmeans-overhead-{k}x{dim}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, x in enumerate(np.split(np.random.default_rng(SEED).standard_normal((4 * k, dim), np.float32), actors)):
+        paths.append(str(folder / f"train-{i:06d}.parquet"))
+        pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim)}), paths[-1])
+    ray.init(num_cpus=actors, include_dashboard=False, log_to_driver=False)
+    result = sharded_kmeans(paths, k, num_actors=actors, niter=max(niter, 5), seed=KMEANS_SEED, cpus_per_actor=1.0,
+                            log_every=0)
+    ray.shutdown()
+    return {"s_per_iter": steady(result.iteration_seconds)}
+
+
 def run_faiss(paths: list[str], k: int, niter: int, threads: int, out: Path) -> dict:
     """faiss.Kmeans in this process on all rows (normalised as the actors do)."""
     import faiss
@@ -145,20 +173,31 @@ def _timed(fn) -> float:
 
 
 def projection(rates: dict, overhead_s: float) -> dict:
-    """Estimated seconds per iteration for ImageNet-S919 on 8 GPUs (one actor per GPU)."""
+    """Estimated seconds per iteration for ImageNet-S919 on 8 GPUs (one actor per GPU), as lussray runs it.
+
+    Each actor keeps its rows on its GPU (the torch engine of ``EmbeddingShard``): one host-to-device
+    copy when it loads, then per iteration the centroids go in, the search GEMM and the float64
+    per-cluster sums run on the device, and only the (K, D) float64 sums and K counts come back.
+    """
     n, d, k, gpus = TARGET["points"], TARGET["dim"], TARGET["k"], TARGET["gpus"]
     per_gpu_rows = n / gpus
     parts = {
         "gemm_s": 2 * per_gpu_rows * k * d / ASSUMED_H100_FP32_GEMM_FLOPS,
-        "host_to_device_s": per_gpu_rows * d * 4 / ASSUMED_H2D_BYTES_PER_S,
-        "cpu_sums_s": per_gpu_rows * d * rates["sums_s_per_element"],
+        # x.double() written and read, the rows read, float64 atomic adds into K x D: ~20 bytes per element
+        "device_sums_s": per_gpu_rows * d * DEVICE_SUM_BYTES_PER_ELEMENT / ASSUMED_HBM_BYTES_PER_S,
+        "results_to_host_s": (k * d * 8 + k * 8) / ASSUMED_H2D_BYTES_PER_S,
+        "results_to_driver_s": gpus * (k * d * 8 + k * 8) / ASSUMED_NETWORK_BYTES_PER_S,
+        "centroids_to_device_s": k * d * 4 / ASSUMED_H2D_BYTES_PER_S,
         "driver_update_s": rates["driver_update_s_target"],
         "ray_overhead_s": overhead_s,
     }
     per_iter = sum(parts.values())
     iterations = TARGET["niter"] * TARGET["nredo"]
     return {**parts, "s_per_iter": per_iter, "iterations": iterations, "total_minutes": per_iter * iterations / 60,
-            "host_mb_per_actor": per_gpu_rows * d * 4 / 2**20}
+            "load_to_device_s_once": per_gpu_rows * d * 4 / ASSUMED_H2D_BYTES_PER_S,
+            "device_mb_per_actor": per_gpu_rows * d * 4 / 2**20,
+            "previous_design_cpu_sums_s": per_gpu_rows * d * rates["sums_s_per_element"],
+            "previous_design_resend_s": per_gpu_rows * d * 4 / ASSUMED_H2D_BYTES_PER_S}
 
 
 def _in_subprocess(part: str, args: argparse.Namespace, threads: int, blas: dict[str, str] | None = None) -> dict:
@@ -169,10 +208,15 @@ def _in_subprocess(part: str, args: argparse.Namespace, threads: int, blas: dict
     cmd = [sys.executable, __file__, "--part", part, "--points", str(args.points), "--dim", str(args.dim),
            "--k", str(args.k), "--niter", str(args.niter), "--actors", str(args.actors),
            "--threads", str(args.threads), "--files", str(args.files), "--out", args.out]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(f"bench_kmeans: part {part} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    for _ in range(RAY_START_ATTEMPTS):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            return json.loads(result.stdout.strip().splitlines()[-1])
+        if RAY_START_TIMEOUT not in result.stderr:
+            break
+        print(f"bench_kmeans: part {part}: Ray did not start within its 30 s (load {os.getloadavg()[0]:.0f}); "
+              f"again", flush=True)
+    sys.exit(f"bench_kmeans: part {part} failed:\n{result.stderr[-3000:]}")
 
 
 def run_part(args: argparse.Namespace, out: Path) -> dict:
@@ -182,6 +226,8 @@ def run_part(args: argparse.Namespace, out: Path) -> dict:
         return run_sharded(paths, args.k, args.niter, args.actors, out)
     if args.part == "faiss":
         return run_faiss(paths, args.k, args.niter, args.threads, out)
+    if args.part == "overhead":
+        return run_overhead(args.k, args.dim, args.niter, args.actors, out)
     return run_rates(args.dim, args.k)
 
 
@@ -209,14 +255,19 @@ def print_table(args: argparse.Namespace, sharded: dict, single: dict, as_instal
 def print_projection(estimate: dict) -> None:
     t = TARGET
     print(f"\nPROJECTION (an estimate, not a measurement): {t['points']} x {t['dim']}, K={t['k']}, one actor per "
-          f"GPU on {t['gpus']} H100s, niter={t['niter']} x nredo={t['nredo']}. Assumed: cuBLAS fp32 GEMM "
-          f"{ASSUMED_H100_FP32_GEMM_FLOPS / 1e12:.0f} TFLOP/s per GPU, host-to-device "
-          f"{ASSUMED_H2D_BYTES_PER_S / 1e9:.0f} GB/s (the shard is re-sent every iteration); measured here: "
-          "the CPU per-cluster sums per element, the driver merge + update at K x 2048, the Ray overhead.")
-    print("  " + ", ".join(f"{key} {value:.3f}" for key, value in estimate.items()
-                           if key.endswith("_s")))
-    print(f"  -> {estimate['s_per_iter']:.2f} s/iteration, {estimate['iterations']} iterations "
-          f"~ {estimate['total_minutes']:.1f} min; {estimate['host_mb_per_actor']:.0f} MB of embeddings per actor")
+          f"GPU on {t['gpus']} H100s, niter={t['niter']} x nredo={t['nredo']}, rows kept on each GPU. Assumed: "
+          f"cuBLAS fp32 GEMM {ASSUMED_H100_FP32_GEMM_FLOPS / 1e12:.0f} TFLOP/s, streaming kernels at "
+          f"{ASSUMED_HBM_BYTES_PER_S / 1e12:.1f} TB/s, host <-> device {ASSUMED_H2D_BYTES_PER_S / 1e9:.0f} GB/s, "
+          f"actors -> driver {ASSUMED_NETWORK_BYTES_PER_S / 1e9:.1f} GB/s; "
+          "measured here: the driver merge + update at K x 2048, the fixed cost of a sharded iteration. tools/gpu_check.py times the "
+          "device step at one actor's shape when a GPU is lent.")
+    print("  " + ", ".join(f"{key} {value:.4f}" for key, value in estimate.items()
+                           if key.endswith("_s") and not key.startswith("previous")))
+    print(f"  -> {estimate['s_per_iter']:.3f} s/iteration, {estimate['iterations']} iterations "
+          f"~ {estimate['total_minutes']:.1f} min, plus {estimate['load_to_device_s_once']:.2f} s to load each "
+          f"GPU once; {estimate['device_mb_per_actor']:.0f} MB of embeddings per GPU. The previous design "
+          f"re-sent them every iteration ({estimate['previous_design_resend_s']:.3f} s) and summed on the CPU "
+          f"({estimate['previous_design_cpu_sums_s']:.3f} s).")
 
 
 def main() -> None:
@@ -229,7 +280,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of single-process faiss and of the GEMM")
     parser.add_argument("--files", type=int, default=8, help="parquet files the embeddings are split into")
     parser.add_argument("--repeats", type=int, default=2, help="alternated runs of each; the fastest is reported")
-    parser.add_argument("--part", choices=["sharded", "faiss", "rates"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["sharded", "faiss", "rates", "overhead"], help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench-out"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -259,19 +310,23 @@ def main() -> None:
     centroid_diff = float(np.abs(np.load(out / "kmeans-centroids-sharded.npy")
                                  - np.load(out / "kmeans-centroids-faiss.npy")).max())
     print_table(args, sharded, single, as_installed, blas, gemm_bound, rel_diff, centroid_diff)
-    # Ray overhead per iteration: what the sharded run spends beyond faiss's own search + update.
-    estimate = projection(rates, max(0.0, sharded["s_per_iter"] - single["s_per_iter"]))
+    print("bench_kmeans: fixed cost per iteration (sharded k-means on 4 K rows) ...", flush=True)
+    overhead = _in_subprocess("overhead", args, 1)
+    print(f"fixed cost of a sharded iteration (calls, K x D transfers, driver update at K={args.k}, "
+          f"D={args.dim}): {overhead['s_per_iter']:.3f} s")
+    estimate = projection(rates, overhead["s_per_iter"])
     print_projection(estimate)
     summary = {"sharded_s_per_iter": sharded["s_per_iter"], "faiss_s_per_iter": single["s_per_iter"],
                "gemm_bound_s_per_iter": gemm_bound, "objective_rel_diff": rel_diff}
     result = {**summary, "config": vars(args) | {"part": None}, "load_average_end": os.getloadavg(),
               "sharded": sharded, "faiss": single, "faiss_as_installed": as_installed, "blas_env": blas,
-              "rates": rates,
+              "rates": rates, "overhead": overhead,
               "all_s_per_iter": {"sharded": [run["s_per_iter"] for run in shardeds],
                                  "faiss": [run["s_per_iter"] for run in singles]}, "max_centroid_abs_diff": centroid_diff,
               "projection_s919_8gpu": estimate, "projection_assumptions": {
                   "h100_fp32_gemm_flops": ASSUMED_H100_FP32_GEMM_FLOPS, "h2d_bytes_per_s": ASSUMED_H2D_BYTES_PER_S,
-                  **TARGET}}
+                  "hbm_bytes_per_s": ASSUMED_HBM_BYTES_PER_S, "network_bytes_per_s": ASSUMED_NETWORK_BYTES_PER_S,
+                  "device_sum_bytes_per_element": DEVICE_SUM_BYTES_PER_ELEMENT, **TARGET}}
     (out / "bench_kmeans.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary))
 

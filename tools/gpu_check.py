@@ -13,9 +13,11 @@ and the rest still run):
 - ``finetune_<preset>_<dtype>``: the segmenter's cross-entropy step (stage 4);
 - ``distributed``: Sinkhorn under a world-size-1 process group (nccl on CUDA, gloo on the CPU)
   next to the single-process codes, and the S50 PASS step wrapped in DDP with distributed Sinkhorn;
-- ``kmeans``: one Lloyd assignment plus per-cluster sums and counts in torch on the device
-  (1M x 128, K=1000), next to the CPU path (torch matmul search, then
-  :func:`lussray.clustering.lloyd.block_stats`) and the host-to-device copy of the points;
+- ``kmeans``: one k-means actor's iteration where its rows live
+  (:func:`lussray.clustering.lloyd.device_block_stats`: search, float64 per-cluster sums and counts
+  in torch on the device; 1M x 128, K=1000, and one S919 actor's 150,000 x 2048, K=919), next to
+  the CPU paths (the same on the CPU, and :func:`lussray.clustering.lloyd.block_stats`) and the
+  host-to-device copy of the points;
 - ``jpeg_decode``: ``torchvision.io.decode_jpeg`` on the device (batched) next to the CPU
   decoders (:func:`lussray.data.augment.decode_image`, torchvision's CPU decode);
 - ``inference_<preset>``: the label-generation embedding (``cluster_embedding``), the segmenter's
@@ -66,7 +68,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from lussray.clustering.lloyd import SUM_CHUNK_ROWS, block_stats  # noqa: E402
+from lussray.clustering.lloyd import block_stats, device_assign, device_block_stats  # noqa: E402
 from lussray.data import augment  # noqa: E402
 from lussray.methods.knn import dense_features, knn_vote  # noqa: E402
 from lussray.methods.pass_ import PASSMethod  # noqa: E402
@@ -130,6 +132,7 @@ class Sizes:
     kmeans_chunk: int
     kmeans_timed: int
     kmeans_cpu_timed: int
+    kmeans_actor_shape: tuple[int, int, int]  # (rows, D, K) of one S919 actor on 8 GPUs
     jpeg_images: int
     jpeg_size: tuple[int, int]
     jpeg_timed: int
@@ -139,8 +142,8 @@ class Sizes:
     train_autocast: bool = True
 
 
-GPU_SIZES = Sizes(3, 20, 1_000_000, 128, 1000, 65536, 10, 3, 256, (375, 500), 20, 8192)
-CPU_SIZES = Sizes(0, 1, 10_000, 16, 50, 4096, 1, 1, 8, (96, 128), 1, 256, train_autocast=False)
+GPU_SIZES = Sizes(3, 20, 1_000_000, 128, 1000, 16384, 10, 3, (150_000, 2048, 919), 256, (375, 500), 20, 8192)
+CPU_SIZES = Sizes(0, 1, 10_000, 16, 50, 4096, 1, 1, (2000, 32, 20), 8, (96, 128), 1, 256, train_autocast=False)
 
 
 def toy(preset: Preset) -> Preset:
@@ -407,32 +410,6 @@ def distributed_section(presets: tuple[Preset, ...], device: torch.device, sizes
 # -- k-means -----------------------------------------------------------------------------------
 
 
-def assign_and_sum(points: Tensor, centroids: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One Lloyd E-step where the points live: nearest centroid (squared L2), per-cluster sums and counts.
-
-    Distances are ``|c|^2 - 2 x.c`` plus ``|x|^2`` (one GEMM per chunk); sums are float32 within
-    a chunk and float64 across chunks, as ``lussray.clustering.lloyd.block_stats``.
-
-    Returns:
-        ``(ids, distances, sums, counts)``: (n,) int64, (n,) float32 squared distances, (K, D)
-        float64, (K,) int64.
-    """
-    k, dim = centroids.shape
-    c_squared = (centroids * centroids).sum(1)
-    ids = torch.empty(len(points), dtype=torch.long, device=points.device)
-    distances = torch.empty(len(points), dtype=torch.float32, device=points.device)
-    sums = torch.zeros(k, dim, dtype=torch.float64, device=points.device)
-    counts = torch.zeros(k, dtype=torch.long, device=points.device)
-    for start in range(0, len(points), chunk):
-        x = points[start:start + chunk]
-        best, nearest = torch.addmm(c_squared, x, centroids.t(), alpha=-2.0).min(1)
-        ids[start:start + chunk] = nearest
-        distances[start:start + chunk] = (best + (x * x).sum(1)).clamp_(min=0)
-        sums += torch.zeros(k, dim, dtype=x.dtype, device=x.device).index_add_(0, nearest, x).double()
-        counts += torch.bincount(nearest, minlength=k)
-    return ids, distances, sums, counts
-
-
 def clustered_points(sizes: Sizes, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
     """Points around K random centres and K initial centroids (rows of the points), float32."""
     centres = torch.randn(sizes.kmeans_k, sizes.kmeans_dim, device=device, generator=generator)
@@ -444,7 +421,13 @@ def clustered_points(sizes: Sizes, generator: torch.Generator, device: torch.dev
 
 
 def kmeans_section(device: torch.device, sizes: Sizes) -> dict[str, Any]:
-    """The E-step on the device next to the CPU path, with their agreement."""
+    """A k-means actor's iteration on the device (lloyd.device_block_stats) next to the CPU paths.
+
+    The device figures are those of :class:`lussray.clustering.kmeans.EmbeddingShard` with the
+    torch engine, whose rows stay on its GPU: one E-step per iteration, only the (K, D) sums and
+    K counts copied back. ``s919_actor_*`` times the same step at the shape of one actor of
+    ImageNet-S919 on 8 GPUs (150,000 x 2048, K=919), the shape of bench_kmeans's projection.
+    """
     cpu = torch.device("cpu")
     points_cpu, centroids_cpu = clustered_points(sizes, device_generator(cpu), cpu)
     started = time.perf_counter()
@@ -452,16 +435,17 @@ def kmeans_section(device: torch.device, sizes: Sizes) -> dict[str, Any]:
     synchronize(device)
     h2d_s = time.perf_counter() - started
     centroids = centroids_cpu.to(device)
-    out: dict[str, tuple] = {}
-    device_s = timed(lambda: out.__setitem__("device", assign_and_sum(points, centroids, sizes.kmeans_chunk)),
+    out: dict[str, Any] = {}
+    device_s = timed(lambda: out.__setitem__("device", device_block_stats(points, centroids, False,
+                                                                          sizes.kmeans_chunk)),
                      device, sizes.warmup_steps, sizes.kmeans_timed)
-    cpu_s = timed(lambda: out.__setitem__("cpu", assign_and_sum(points_cpu, centroids_cpu, SUM_CHUNK_ROWS)),
+    cpu_s = timed(lambda: out.__setitem__("cpu", device_block_stats(points_cpu, centroids_cpu, False)),
                   cpu, 1, sizes.kmeans_cpu_timed)
-    ids_cpu, distances_cpu, sums_cpu, counts_cpu = out["cpu"]
+    distances_cpu, ids_cpu = device_assign(points_cpu, centroids_cpu, False)
     started = time.perf_counter()
     stats = block_stats(points_cpu.numpy(), ids_cpu.numpy(), distances_cpu.numpy(), sizes.kmeans_k)
     block_stats_s = time.perf_counter() - started
-    ids, _, sums, counts = (t.cpu() for t in out["device"])
+    ids = device_assign(points, centroids, False, sizes.kmeans_chunk)[1].cpu()
     same = ids == ids_cpu
     scale = float(np.abs(stats.sums).max())
     figures = {
@@ -474,9 +458,11 @@ def kmeans_section(device: torch.device, sizes: Sizes) -> dict[str, Any]:
         "speedup_vs_cpu": statistics.fmean(cpu_s) / statistics.fmean(device_s),
         "ids_agreement": float(same.double().mean()),
         # sums over the points both paths assigned alike
-        "sums_max_rel_diff_cpu_torch": float((sums - sums_cpu).abs().max()) / scale if bool(same.all()) else None,
-        "sums_max_rel_diff_block_stats": float(np.abs(sums_cpu.numpy() - stats.sums).max()) / scale,
-        "counts_equal_block_stats": bool(np.array_equal(counts_cpu.numpy(), stats.counts)),
+        "sums_max_rel_diff_cpu_torch": (float(np.abs(out["device"].sums - out["cpu"].sums).max()) / scale
+                                        if bool(same.all()) else None),
+        "sums_max_rel_diff_block_stats": float(np.abs(out["cpu"].sums - stats.sums).max()) / scale,
+        "counts_equal_block_stats": bool(np.array_equal(out["cpu"].counts, stats.counts)),
+        **s919_actor_figures(device, sizes),
         "peak_memory_mb": peak_memory_mb(device),
     }
     if not figures["counts_equal_block_stats"] or figures["sums_max_rel_diff_block_stats"] > 1e-5:
@@ -486,6 +472,25 @@ def kmeans_section(device: torch.device, sizes: Sizes) -> dict[str, Any]:
     if figures["sums_max_rel_diff_cpu_torch"] is None:
         del figures["sums_max_rel_diff_cpu_torch"]  # a few ties went the other way: sums differ by design
     return figures
+
+
+def s919_actor_figures(device: torch.device, sizes: Sizes) -> dict[str, float]:
+    """Seconds of one device iteration, and of the copy of its results, at one S919 actor's shape."""
+    generator = device_generator(device, seed=1)
+    rows, dim, k = sizes.kmeans_actor_shape
+    points = lloyd_normalize(torch.randn(rows, dim, device=device, generator=generator))
+    centroids = points[torch.randperm(rows, device=device, generator=generator)[:k]].clone()
+    seconds = timed(lambda: device_block_stats(points, centroids, False, sizes.kmeans_chunk), device,
+                    sizes.warmup_steps, sizes.kmeans_timed)
+    sums = torch.zeros(k, dim, dtype=torch.float64, device=device)
+    copy_s = timed(lambda: sums.cpu(), device, 1, sizes.kmeans_timed)
+    return {"s919_actor_rows": rows, "s919_actor_dim": dim, "s919_actor_k": k,
+            "s919_actor_iteration_s": statistics.fmean(seconds), "s919_actor_sums_copy_s": statistics.fmean(copy_s)}
+
+
+def lloyd_normalize(x: Tensor) -> Tensor:
+    """Rows divided by their L2 norm (+1e-8), as label generation normalises embeddings."""
+    return x / (x.norm(dim=1, keepdim=True) + 1e-8)
 
 
 # -- JPEG decode -------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ concatenated files (same seed, or same ``init_centroids``, ``max_points_per_cent
 reach) up to float rounding; see :mod:`lussray.clustering.lloyd` for the faiss facts reproduced and
 the deviations.
 
+Each actor keeps its rows where it searches them for the whole run: on its GPU when it has one
+(torch GEMM search and float64 per-cluster sums on the device; only centroids in, sums, counts
+and the objective out), else in host memory with faiss's BLAS search. An actor that dies (its
+process killed, its node gone) is rebuilt from its files and its unanswered call sent again
+(:class:`ShardActors`), so the result is that of an unbroken run.
+
 Parquet contract (written by ``lussray.stages.labelgen``): a string column ``key`` and a column
 ``embedding`` of ``fixed_size_list<float32>[D]`` (or ``list<float32>``), one file per input shard.
 
@@ -30,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +53,10 @@ ROW_NORM_EPS = 1e-8
 MIN_POINTS_PER_CENTROID = 39
 #: CPU flags that OpenBLAS's SkylakeX kernels need.
 AVX512_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+#: Times one k-means actor is rebuilt from its files after it died before k-means gives up.
+MAX_REBUILDS = 3
+#: Search engines of the actors (:func:`resolve_engine`).
+ENGINES = ("auto", "faiss", "torch")
 
 
 @dataclass
@@ -62,6 +73,7 @@ class KMeansResult:
         seconds: Wall time, loading included.
         peak_rss_mb_per_actor: Peak resident memory of each actor process, MB.
         iteration_seconds: Wall time of every iteration of the best redo.
+        rebuilds: Actors rebuilt from their files after they died (:class:`ShardActors`).
     """
 
     centroids: np.ndarray
@@ -72,6 +84,7 @@ class KMeansResult:
     seconds: float
     peak_rss_mb_per_actor: list[float] = field(default_factory=list)
     iteration_seconds: list[float] = field(default_factory=list)
+    rebuilds: int = 0
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
@@ -173,30 +186,58 @@ def group_files(sizes: list[int], num_groups: int) -> list[range]:
     return [range(start, end) for start, end in itertools.pairwise(bounds)]
 
 
+def resolve_engine(engine: str, use_gpu: bool) -> str:
+    """The search engine of a k-means actor: ``torch`` on a GPU, ``faiss`` on the CPU, unless named.
+
+    Raises:
+        UserError: an engine not in :data:`ENGINES`.
+    """
+    if engine not in ENGINES:
+        raise UserError(f"k-means engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    return "torch" if use_gpu else "faiss"
+
+
 class EmbeddingShard:
     """Holds one group of embedding files and computes k-means statistics over them.
 
-    Used as a Ray actor by :func:`sharded_kmeans`; also usable in-process.
+    Used as a Ray actor by :func:`sharded_kmeans`; also usable in-process. The rows are loaded
+    once and stay where they are searched: with the ``torch`` engine on a GPU they are copied to
+    the device file by file while loading (no second host copy) and every iteration runs there
+    (:func:`lussray.clustering.lloyd.device_block_stats`), so only the centroids come in and the
+    per-cluster sums, counts and objective go out. With ``faiss`` (the CPU default, its BLAS
+    search being the fastest CPU path measured) they stay in host memory.
 
     Args:
         paths: Parquet files of this shard, in order.
         column: Embedding column name.
         normalize_rows: L2-normalise every row (x / (||x|| + 1e-8)) as the reference does.
         inner_product: Search by inner product (spherical k-means) instead of L2.
-        use_gpu: Search with a faiss GPU index (the actor must own a GPU).
-        threads: faiss OpenMP threads for the CPU search.
+        use_gpu: The actor owns a GPU: the rows live and are searched on it.
+        threads: CPU threads of the search (faiss OpenMP, or torch intra-op).
+        engine: ``auto`` (torch on a GPU, faiss on the CPU), ``faiss`` (a faiss GPU index when
+            ``use_gpu``; the rows stay on the host) or ``torch`` (on the CPU too, e.g. in tests).
     """
 
     def __init__(self, paths: list[str], column: str, normalize_rows: bool, inner_product: bool,
-                 use_gpu: bool, threads: int) -> None:
-        if "faiss" not in sys.modules:  # decided on the actor's own node, before OpenBLAS loads
-            os.environ.update(openblas_env())
-        import faiss
+                 use_gpu: bool, threads: int, engine: str = "auto") -> None:
+        self._engine = resolve_engine(engine, use_gpu)
+        if self._engine == "faiss":
+            if "faiss" not in sys.modules:  # decided on the actor's own node, before OpenBLAS loads
+                os.environ.update(openblas_env())
+            import faiss
 
-        faiss.omp_set_num_threads(max(1, threads))
+            faiss.omp_set_num_threads(max(1, threads))
+            self._device = None
+        else:
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+            self._device = torch.device("cuda" if use_gpu else "cpu")
         self._paths, self._column, self._normalize = list(paths), column, normalize_rows
         self._inner_product, self._use_gpu = inner_product, use_gpu
-        self._points = np.zeros((0, 0), np.float32)
+        self._points = np.zeros((0, 0), np.float32)  # numpy (faiss), or a torch tensor on self._device
         self._keys: list[pa.Array] = []
         self._index = None
 
@@ -217,16 +258,25 @@ class EmbeddingShard:
                 continue
             if dim is None:  # the shard's array is allocated once: no concatenation copy
                 dim, dim_path = block.shape[1], path
-                self._points = np.empty((sum(expected), dim), np.float32)
+                self._points = self._allocate(sum(expected), dim)
             elif block.shape[1] != dim:
                 raise UserError(f"embedding dimension {block.shape[1]} in {path} differs from {dim} in {dim_path}")
             if not np.isfinite(block).all():
                 raise UserError(f"embedding file {path} contains NaN or infinite values")
-            self._points[offset : offset + rows] = lloyd.normalize_rows(block, ROW_NORM_EPS) if self._normalize else block
+            block = lloyd.normalize_rows(block, ROW_NORM_EPS) if self._normalize else block
+            self._points[offset : offset + rows] = block if self._device is None else _torch_rows(block)
             self._keys.append(keys)
             offset += rows
         self._points = self._points[:offset]
         return {"rows": offset, "dim": dim, "path": dim_path}
+
+    def _allocate(self, rows: int, dim: int):
+        """The (rows, D) float32 array of the shard: numpy, or a torch tensor on the actor's device."""
+        if self._device is None:
+            return np.empty((rows, dim), np.float32)
+        import torch
+
+        return torch.empty((rows, dim), dtype=torch.float32, device=self._device)
 
     @staticmethod
     def _num_rows(path: str) -> int:
@@ -242,15 +292,26 @@ class EmbeddingShard:
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Copies of the (preprocessed) embeddings at local row ``indices``: (len, D) float32."""
-        return self._points[np.asarray(indices, np.int64)]
+        if self._device is None:
+            return self._points[np.asarray(indices, np.int64)]
+        return self._points[_torch_rows(np.asarray(indices, np.int64)).to(self._device)].cpu().numpy()
+
+    def _centroids(self, centroids: np.ndarray):
+        """``centroids`` on the actor's device (torch engine)."""
+        return _torch_rows(np.ascontiguousarray(centroids, dtype=np.float32)).to(self._device)
 
     def _search(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._device is not None:
+            distances, ids = lloyd.device_assign(self._points, self._centroids(centroids), self._inner_product)
+            return distances.cpu().numpy(), ids.cpu().numpy()
         if self._index is None:
             self._index = lloyd.flat_index(self._points.shape[1], self._inner_product, self._use_gpu)
         return lloyd.nearest_centroids(self._index, self._points, centroids)
 
     def partial_stats(self, centroids: np.ndarray) -> lloyd.PartialStats:
         """Sums, counts and objective of this shard's rows against ``centroids`` (K, D)."""
+        if self._device is not None:  # computed where the rows live; K x D numbers come back
+            return lloyd.device_block_stats(self._points, self._centroids(centroids), self._inner_product)
         distances, ids = self._search(centroids)
         return lloyd.block_stats(self._points, ids, distances, len(centroids))
 
@@ -265,10 +326,22 @@ class EmbeddingShard:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _get(refs, timeout_s: float | None = None, files: str = ""):
+def _torch_rows(array: np.ndarray):
+    """A torch view of a numpy array (no copy)."""
+    import torch
+
+    return torch.from_numpy(array)
+
+
+class _ActorDied(Exception):
+    """A k-means actor is gone: its process or its node died (the message says how)."""
+
+
+def _get(refs, timeout_s: float | None = None, files: str = "", *, deaths: bool = False):
     """``ray.get`` with a timeout; a remote :class:`UserError` comes back as itself (message only).
 
-    Any other error of the actors (one died, a timeout) becomes one UserError line naming ``files``.
+    Any other error of the actors (one died, a timeout) becomes one UserError line naming ``files``;
+    with ``deaths`` an actor's death raises :class:`_ActorDied` instead (the caller rebuilds it).
     """
     import ray
 
@@ -284,13 +357,92 @@ def _get(refs, timeout_s: float | None = None, files: str = ""):
                         f"{(str(error.cause).strip().splitlines() or [''])[0]}") from None
     except ray.exceptions.GetTimeoutError:
         raise UserError(f"k-means actors{files} did not answer within ray.get_timeout_s={timeout_s:g} s") from None
+    except ray.exceptions.RayActorError as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        if deaths:
+            raise _ActorDied(f"{type(error).__name__}: {first}") from None
+        raise UserError(f"k-means actors{files}: {type(error).__name__}: {first}") from None
     except ray.exceptions.RayError as error:
         first = (str(error).strip().splitlines() or [""])[0]
         raise UserError(f"k-means actors{files}: {type(error).__name__}: {first}") from None
 
 
-def _start_shards(paths: list[str], num_actors: int, column: str, normalize_rows: bool, spherical: bool,
-                  gpus_per_actor: float, cpus_per_actor: float, keys: str = "labelgen") -> list:
+class ShardActors:
+    """The k-means actors, the files each one holds, and the rebuild of one that died.
+
+    An actor whose process or node dies (a SIGKILL, the OOM killer, a preempted node) is replaced
+    by a new one that loads the same files again, and the call it did not answer is sent again to
+    the new one. Its statistics are a function of its files and the centroids only, so a run with
+    rebuilds gives the result of an unbroken run. Each actor is rebuilt at most
+    :data:`MAX_REBUILDS` times; then k-means fails naming its files.
+
+    Args:
+        groups: the files of each actor, in order.
+        start: starts the actor of one group (not yet loaded).
+    """
+
+    def __init__(self, groups: list[list[str]], start: Callable[[list[str]], Any]) -> None:
+        self.groups, self._start = groups, start
+        self.actors = [start(group) for group in groups]
+        self.rows: list[int] | None = None  # rows of each actor, known after the first load
+        self.rebuilds = [0] * len(groups)
+
+    def call(self, method: str, *args: Any, per_actor: Callable[[int], tuple] | None = None,
+             files: str = "") -> list:
+        """``method(*args)`` (or ``method(*per_actor(i))``) on every actor at once; their results in order."""
+        arguments = [per_actor(i) if per_actor else args for i in range(len(self.actors))]
+        refs = [getattr(actor, method).remote(*values) for actor, values in zip(self.actors, arguments)]
+        return [self._result(i, ref, method, arguments[i], files) for i, ref in enumerate(refs)]
+
+    def load(self, files: str = "") -> list[dict]:
+        """Every actor reads its files (:meth:`EmbeddingShard.load`); their infos."""
+        infos = self.call("load", files=files)
+        self.rows = [info["rows"] for info in infos]
+        return infos
+
+    def kill(self) -> None:
+        """End every actor (their memory is freed at once)."""
+        for actor in self.actors:
+            _kill(actor)
+
+    def _result(self, i: int, ref: Any, method: str, args: tuple, files: str) -> Any:
+        while True:
+            try:
+                return _get(ref, files=files, deaths=True)
+            except _ActorDied as death:
+                ref = self._rebuild(i, str(death), method, args)
+
+    def _rebuild(self, i: int, why: str, method: str, args: tuple) -> Any:
+        """A new actor for group ``i``, loaded when the call is not the load itself; the call sent to it."""
+        group = self.groups[i]
+        where = f"{len(group)} file{'s' if len(group) > 1 else ''} from {os.path.basename(group[0])}"
+        self.rebuilds[i] += 1
+        if self.rebuilds[i] > MAX_REBUILDS:
+            raise UserError(f"k-means actor {i} ({where}) died {self.rebuilds[i]} times; the last time: {why}")
+        print(f"[kmeans] actor {i} ({where}) died during {method} ({why}): rebuilding it from its files",
+              flush=True)
+        _kill(self.actors[i])
+        self.actors[i] = self._start(group)
+        if method != "load":
+            info = self._result(i, self.actors[i].load.remote(), "load", (), "")
+            if self.rows is not None and info["rows"] != self.rows[i]:
+                raise UserError(f"k-means actor {i}: its files ({where}) now hold {info['rows']} rows, "
+                                f"{self.rows[i]} before it died: the embeddings changed during k-means")
+        return getattr(self.actors[i], method).remote(*args)
+
+
+def _kill(actor: Any) -> None:
+    import ray
+
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - already gone with its node: nothing left to free
+        pass
+
+
+def _shard_actors(paths: list[str], num_actors: int, column: str, normalize_rows: bool, spherical: bool,
+                  gpus_per_actor: float, cpus_per_actor: float, keys: str = "labelgen",
+                  engine: str = "auto") -> ShardActors:
     """One actor per contiguous, size-balanced group of files, once the cluster can hold them all."""
     import ray
 
@@ -302,15 +454,22 @@ def _start_shards(paths: list[str], num_actors: int, column: str, normalize_rows
         if size is None:
             raise UserError(f"embedding file not found: {path}")
         sizes.append(size)
-    groups = group_files(sizes, num_actors)
+    groups = [[paths[i] for i in group] for group in group_files(sizes, num_actors)]
+    resolve_engine(engine, gpus_per_actor > 0)  # a bad name fails here, not in every actor
     # every actor holds its part of the embeddings for the whole run: all must be placed at once
     ray_cluster.require(ray_cluster.Demand(
         "k-means actors", len(groups), cpus_per_actor, gpus_per_actor, f"{keys}.kmeans_actors",
-        "cpus_per_actor (k-means)", f"{keys}.gpus_per_actor"), ray_cluster.current_config())
+        f"{keys}.kmeans_cpus_per_actor", f"{keys}.gpus_per_actor"), ray_cluster.current_config())
     remote = ray.remote(EmbeddingShard).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
-    return [remote.remote([paths[i] for i in group], column, normalize_rows, spherical, gpus_per_actor > 0,
-                          max(1, int(cpus_per_actor)))
-            for group in groups]
+    return ShardActors(groups, lambda group: remote.remote(
+        group, column, normalize_rows, spherical, gpus_per_actor > 0, max(1, int(cpus_per_actor)), engine))
+
+
+def _start_shards(paths: list[str], num_actors: int, column: str, normalize_rows: bool, spherical: bool,
+                  gpus_per_actor: float, cpus_per_actor: float, keys: str = "labelgen", engine: str = "auto") -> list:
+    """The actors of :func:`_shard_actors` as a plain list (no rebuilds)."""
+    return _shard_actors(paths, num_actors, column, normalize_rows, spherical, gpus_per_actor, cpus_per_actor,
+                         keys, engine).actors
 
 
 def _check_shards(infos: list[dict], k: int) -> tuple[int, int]:
@@ -330,12 +489,12 @@ def _check_shards(infos: list[dict], k: int) -> tuple[int, int]:
     return num_points, dims[0][0]
 
 
-def _gather_rows(actors: list, counts: list[int], indices: np.ndarray) -> np.ndarray:
+def _gather_rows(actors: ShardActors, counts: list[int], indices: np.ndarray) -> np.ndarray:
     """Rows at global ``indices`` (over the concatenation of the shards, in order)."""
     starts = np.concatenate([[0], np.cumsum(counts)])
     owner = np.searchsorted(starts, indices, side="right") - 1
-    wanted = [np.flatnonzero(owner == a) for a in range(len(actors))]
-    parts = _get([actor.rows.remote(indices[w] - starts[a]) for a, (actor, w) in enumerate(zip(actors, wanted))])
+    wanted = [np.flatnonzero(owner == a) for a in range(len(counts))]
+    parts = actors.call("rows", per_actor=lambda a: (indices[wanted[a]] - starts[a],))
     out = np.empty((len(indices), parts[0].shape[1]), np.float32)
     for w, part in zip(wanted, parts):
         out[w] = part
@@ -352,7 +511,7 @@ def _check_init(init_centroids: np.ndarray, k: int, dim: int) -> np.ndarray:
     return centroids
 
 
-def _lloyd(actors: list, centroids: np.ndarray, niter: int, spherical: bool, label: str,
+def _lloyd(actors: ShardActors, centroids: np.ndarray, niter: int, spherical: bool, label: str,
            log_every: int) -> tuple[np.ndarray, list[float], list[float]]:
     """``niter`` Lloyd iterations from ``centroids``: final centroids, objectives, seconds."""
     import ray
@@ -361,7 +520,7 @@ def _lloyd(actors: list, centroids: np.ndarray, niter: int, spherical: bool, lab
     for iteration in range(niter):
         started = time.perf_counter()
         shared = ray.put(centroids)  # one copy in the object store for all actors
-        stats = lloyd.merge_stats(_get([actor.partial_stats.remote(shared) for actor in actors]))
+        stats = lloyd.merge_stats(actors.call("partial_stats", shared))
         centroids, num_splits = lloyd.update_centroids(stats, spherical)
         objectives.append(stats.objective)
         seconds.append(time.perf_counter() - started)
@@ -371,7 +530,7 @@ def _lloyd(actors: list, centroids: np.ndarray, niter: int, spherical: bool, lab
     return centroids, objectives, seconds
 
 
-def _best_of_redos(actors: list, counts: list[int], k: int, dim: int, *, niter: int, nredo: int, seed: int,
+def _best_of_redos(actors: ShardActors, counts: list[int], k: int, dim: int, *, niter: int, nredo: int, seed: int,
                    spherical: bool, init_centroids: np.ndarray | None,
                    log_every: int) -> tuple[np.ndarray, list[float], list[float]]:
     """All redos; the centroids, iteration objectives and seconds of the best one (faiss's rule)."""
@@ -405,7 +564,8 @@ def _check_args(paths: list[str], k: int, niter: int, nredo: int, num_actors: in
 def sharded_kmeans(paths: list[str], k: int, *, num_actors: int = 2, niter: int = 20, nredo: int = 1,
                    seed: int = 1234, spherical: bool = False, normalize_rows: bool = True,
                    gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, column: str = "embedding",
-                   init_centroids: np.ndarray | None = None, log_every: int = 1) -> KMeansResult:
+                   init_centroids: np.ndarray | None = None, log_every: int = 1,
+                   engine: str = "auto") -> KMeansResult:
     """k-means of the embeddings in ``paths`` with the data spread over Ray actors.
 
     Equals ``faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed, spherical=spherical,
@@ -422,40 +582,42 @@ def sharded_kmeans(paths: list[str], k: int, *, num_actors: int = 2, niter: int 
         seed: Seed of the initial centroid sampling (faiss's).
         spherical: Unit-norm centroids and inner-product search; the objective is maximised.
         normalize_rows: L2-normalise embeddings (x / (||x|| + 1e-8)) on load, as the reference.
-        gpus_per_actor: GPUs per actor; > 0 searches with a faiss GPU index.
-        cpus_per_actor: CPUs per actor (also its faiss thread count, at least 1).
+        gpus_per_actor: GPUs per actor; > 0 keeps each actor's rows on its GPU and runs every
+            iteration there (engine ``auto``).
+        cpus_per_actor: CPUs per actor (also its search thread count, at least 1).
         column: Embedding column name.
         init_centroids: (K, D) initial centroids instead of sampled rows.
         log_every: Print a progress line every this many iterations (0: never).
+        engine: The actors' search (:class:`EmbeddingShard`): ``auto`` (torch on a GPU, faiss on
+            the CPU), ``faiss`` or ``torch``.
 
     Returns:
         The :class:`KMeansResult` of the best redo.
 
     Raises:
         UserError: No files, a missing file or column, inconsistent dimensions, non-finite values,
-            K larger than the number of embeddings, or bad ``init_centroids``.
+            K larger than the number of embeddings, bad ``init_centroids``, or an actor that
+            died more than :data:`MAX_REBUILDS` times (one that dies is rebuilt from its files).
     """
-    import ray
-
     started = time.perf_counter()
     paths = [str(path) for path in paths]
     _check_args(paths, k, niter, nredo, num_actors)
-    actors = _start_shards(paths, num_actors, column, normalize_rows, spherical, gpus_per_actor, cpus_per_actor)
+    actors = _shard_actors(paths, num_actors, column, normalize_rows, spherical, gpus_per_actor, cpus_per_actor,
+                           engine=engine)
     try:
-        infos = _get([actor.load.remote() for actor in actors], files=f" loading {len(paths)} files in {os.path.dirname(paths[0]) or '.'}")
+        infos = actors.load(files=f" loading {len(paths)} files in {os.path.dirname(paths[0]) or '.'}")
         num_points, dim = _check_shards(infos, k)
         counts = [info["rows"] for info in infos]
-        print(f"[kmeans] {num_points} points x {dim} dims -> K={k}, {len(actors)} actors, "
+        print(f"[kmeans] {num_points} points x {dim} dims -> K={k}, {len(counts)} actors, "
               f"{'spherical' if spherical else 'L2'}, niter={niter}, nredo={nredo}, seed={seed}", flush=True)
         centroids, objectives, seconds = _best_of_redos(
             actors, counts, k, dim, niter=niter, nredo=nredo, seed=seed, spherical=spherical,
             init_centroids=init_centroids, log_every=log_every)
-        peaks = _get([actor.peak_rss_mb.remote() for actor in actors])
+        peaks = actors.call("peak_rss_mb")
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        actors.kill()
     return KMeansResult(centroids=centroids, objective=float(objectives[-1]),
                         iteration_objectives=[float(v) for v in objectives], num_points=num_points, dim=dim,
                         seconds=time.perf_counter() - started, peak_rss_mb_per_actor=list(peaks),
-                        iteration_seconds=seconds)
+                        iteration_seconds=seconds, rebuilds=sum(actors.rebuilds))
 

@@ -1,4 +1,4 @@
-"""The k-means step math of label generation, shard by shard: numpy, scipy.sparse and faiss, no Ray.
+"""The k-means step math of label generation, shard by shard: numpy, scipy.sparse, faiss and torch, no Ray.
 
 One Lloyd iteration over points split into blocks (one block per Ray actor) is:
 
@@ -33,6 +33,10 @@ split centroids and distance ties) the different rounding can change the assignm
 points and later iterations drift apart; the split itself matches faiss bit for bit. There is no
 subsampling (faiss subsamples above ``k * max_points_per_centroid`` points; the reference sets
 that limit out of reach).
+
+Where the points live on a device (a k-means actor's GPU), :func:`device_block_stats` runs the
+same E-step in torch on it: the points stay there across iterations and only the sums, counts
+and objective come back (:mod:`lussray.clustering.kmeans`).
 
 - [0]: PASS / LUSS, Gao et al., 2022, arXiv:2106.03149 (``cluster.py``).
 """
@@ -146,6 +150,78 @@ def block_stats(points: np.ndarray, ids: np.ndarray, distances: np.ndarray, k: i
         sums += one_hot @ points[start : start + SUM_CHUNK_ROWS]
     counts = np.bincount(ids, minlength=k).astype(np.int64)
     return PartialStats(sums, counts, float(np.sum(distances, dtype=np.float64)))
+
+
+def device_assign(points, centroids, inner_product: bool, chunk: int = SUM_CHUNK_ROWS):
+    """Nearest centroid of every point, computed with torch where the points live (GPU or CPU).
+
+    The torch twin of :func:`nearest_centroids` for points kept on a device across iterations:
+    one GEMM per chunk of ``chunk`` rows, squared L2 distances as ``|x|^2 - 2 x.c + |c|^2``
+    clamped at 0 (faiss's ``exhaustive_L2sqr_blas``), or inner products when ``inner_product``.
+    TF32 stays off (torch's default), so the GEMM is float32 as faiss's.
+
+    Args:
+        points: (n, D) float32 torch tensor.
+        centroids: (K, D) float32 torch tensor on the same device.
+        inner_product: maximise inner products (spherical) instead of minimising L2.
+        chunk: rows per GEMM.
+
+    Returns:
+        ``(distances, ids)``: (n,) float32 and (n,) int64 torch tensors on the points' device.
+    """
+    import torch
+
+    distances = torch.empty(len(points), dtype=torch.float32, device=points.device)
+    ids = torch.empty(len(points), dtype=torch.int64, device=points.device)
+    for start, _, best, nearest in _device_chunks(points, centroids, inner_product, chunk):
+        distances[start : start + len(best)] = best
+        ids[start : start + len(best)] = nearest
+    return distances, ids
+
+
+def device_block_stats(points, centroids, inner_product: bool, chunk: int = SUM_CHUNK_ROWS) -> PartialStats:
+    """One E-step where the points live: :func:`device_assign` reduced to :class:`PartialStats`.
+
+    Per-cluster sums are ``index_add_`` in float64 on the device (exact to float64 rounding,
+    whatever the order of the GPU's atomic adds), counts a ``bincount``; only the (K, D) sums, the
+    K counts and the objective leave the device. Equals :func:`block_stats` after
+    :func:`nearest_centroids` up to float rounding (and the side of exact distance ties).
+
+    Args:
+        points: (n, D) float32 torch tensor.
+        centroids: (K, D) float32 torch tensor on the same device.
+        inner_product: spherical k-means (inner-product search).
+        chunk: rows per GEMM and per float64 copy (bounds the device memory of one step).
+
+    Returns:
+        The block's statistics as numpy (sums float64).
+    """
+    import torch
+
+    k, dim = centroids.shape
+    sums = torch.zeros(k, dim, dtype=torch.float64, device=points.device)
+    counts = torch.zeros(k, dtype=torch.int64, device=points.device)
+    objective = torch.zeros((), dtype=torch.float64, device=points.device)
+    for _, x, best, nearest in _device_chunks(points, centroids, inner_product, chunk):
+        sums.index_add_(0, nearest, x.double())
+        counts += torch.bincount(nearest, minlength=k)
+        objective += best.double().sum()
+    return PartialStats(sums.cpu().numpy(), counts.cpu().numpy(), float(objective))
+
+
+def _device_chunks(points, centroids, inner_product: bool, chunk: int):
+    """``(start, rows, best distance, nearest id)`` per chunk of ``chunk`` rows (torch)."""
+    import torch
+
+    c_squared = (centroids * centroids).sum(1)
+    for start in range(0, len(points), chunk):
+        x = points[start : start + chunk]
+        if inner_product:
+            best, nearest = (x @ centroids.t()).max(1)
+        else:
+            best, nearest = torch.addmm(c_squared, x, centroids.t(), alpha=-2.0).min(1)
+            best = (best + (x * x).sum(1)).clamp_(min=0)
+        yield start, x, best, nearest
 
 
 def merge_stats(parts: list[PartialStats]) -> PartialStats:

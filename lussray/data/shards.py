@@ -12,7 +12,7 @@ the images that were skipped (corrupt, truncated, a label of another size, an un
 an aspect ratio or pixel count beyond ``dataset.max_aspect`` / ``dataset.max_pixels``) with the
 reason; it is written last. ``<out>/categories.txt`` holds the category list.
 
-Samples are written in a seeded random order, not class order (:func:`mixed_order`), so that a
+Samples are written in a seeded random order, not class order (:func:`mixed_indices`), so that a
 stream over the shards yields mixed-class batches. The plan (which sample goes to which shard)
 depends only on the sorted source tree and that fixed seed, so an interrupted run resumes: shards
 already written (recorded by a small ``.done.json`` beside each tar) are kept, the others are
@@ -32,6 +32,7 @@ naming the file.
 from __future__ import annotations
 
 import argparse
+import array
 import hashlib
 import io
 import json
@@ -48,13 +49,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 from PIL import Image
-from typing_extensions import Self
 
 from lussray import storage
-from lussray.data.imagenet_s import SPLITS, Categories, Sample, check_sample_key, list_split
+from lussray.data.imagenet_s import SPLITS, Categories, Sample, check_sample_key, scan_split
 from lussray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -123,36 +124,96 @@ class ShardPlan:
 
 #: Seed of the sample order in shards (fixed, so that a resumed prepare plans the same shards).
 ORDER_SEED = 0
+LAYOUT_BLOCK = 4096  # images whose paths are built at once while cutting shards
 
 
-def mixed_order(samples: list[Sample]) -> list[Sample]:
-    """The samples in a seeded random order instead of class order.
+def mixed_indices(count: int) -> np.ndarray:
+    """A seeded random order of ``range(count)`` instead of class order, as int32.
 
     Streaming readers see a shard front to back, so class-sorted shards give single-class batches,
     and SwAV's equipartition (Sinkhorn) then has to spread one class over all prototypes: the
     swapped prediction stops carrying class information. Mixing once here keeps every stretch of
     a shard a sample of the whole split.
+
+    The order is ``random.Random(ORDER_SEED).sample(range(count), count)`` (what earlier versions
+    called, so shards prepared by them keep their fingerprints), computed with the same draws as
+    CPython's ``sample`` (its pool method, which it takes whenever all items are drawn) in 4 bytes
+    per index instead of a list of Python ints.
     """
-    order = random.Random(ORDER_SEED).sample(range(len(samples)), len(samples))
-    return [samples[i] for i in order]
+    rng = random.Random(ORDER_SEED)
+    pool, result = array.array("i", range(count)), array.array("i", bytes(4 * count))
+    randbelow = rng._randbelow  # the draw random.sample makes
+    for i in range(count):
+        j = randbelow(count - i)
+        result[i] = pool[j]
+        pool[j] = pool[count - i - 1]
+    return np.frombuffer(result, dtype=np.int32) if count else np.zeros(0, np.int32)
 
 
-def plan_shards(samples: list[Sample], split: str, samples_per_shard: int, max_shard_bytes: int,
-                context: str = "") -> list[ShardPlan]:
-    """Cut the samples, in their order, into consecutive shards bounded in count and in bytes."""
-    plans: list[ShardPlan] = []
-    current: list[Sample] = []
-    current_bytes = 0
-    for sample in samples:
-        size = sample.image_path.stat().st_size
-        if current and (len(current) >= samples_per_shard or current_bytes + size > max_shard_bytes):
-            plans.append(ShardPlan(split, len(plans), tuple(current), context))
-            current, current_bytes = [], 0
-        current.append(sample)
-        current_bytes += size
-    if current:
-        plans.append(ShardPlan(split, len(plans), tuple(current), context))
-    return plans
+class Listing(Protocol):
+    """The images of a split by index: a :class:`~lussray.data.imagenet_s.SplitListing` or a :class:`SampleList`."""
+
+    def __len__(self) -> int: ...
+
+    def samples(self, indices: np.ndarray) -> list[Sample]: ...
+
+    def image_paths(self, indices: np.ndarray) -> list[str]: ...
+
+    def has_labels(self) -> bool: ...
+
+
+class SampleList(list):
+    """A list of samples (the scene layouts') with the :class:`Listing` interface."""
+
+    def samples(self, indices: np.ndarray) -> list[Sample]:
+        return [self[int(i)] for i in indices]
+
+    def image_paths(self, indices: np.ndarray) -> list[str]:
+        return [str(self[int(i)].image_path) for i in indices]
+
+    def has_labels(self) -> bool:
+        return any(sample.label_path is not None for sample in self)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which images go to which shard: the mixed order of a listing cut into bounded runs.
+
+    Only the order (4 bytes per image) and two offsets per shard are kept; :meth:`plan` builds the
+    :class:`ShardPlan` (with its :class:`Sample` objects) of one shard when it is needed.
+    """
+
+    listing: Any
+    order: np.ndarray
+    bounds: tuple[tuple[int, int], ...]
+    split: str
+    context: str
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def plan(self, index: int) -> ShardPlan:
+        start, end = self.bounds[index]
+        return ShardPlan(self.split, index, tuple(self.listing.samples(self.order[start:end])), self.context)
+
+
+def layout_shards(listing: Listing, split: str, samples_per_shard: int, max_shard_bytes: int,
+                  context: str = "") -> ShardLayout:
+    """Cut the listing, in :func:`mixed_indices` order, into consecutive shards bounded in count and in bytes."""
+    order = mixed_indices(len(listing))
+    bounds: list[tuple[int, int]] = []
+    start, current_bytes = 0, 0
+    for block in range(0, len(order), LAYOUT_BLOCK):  # paths built a block at a time
+        paths = listing.image_paths(order[block : block + LAYOUT_BLOCK])
+        for position, path in enumerate(paths, start=block):
+            size = os.stat(path).st_size
+            if position > start and (position - start >= samples_per_shard or current_bytes + size > max_shard_bytes):
+                bounds.append((start, position))
+                start, current_bytes = position, 0
+            current_bytes += size
+    if len(order) > start:
+        bounds.append((start, len(order)))
+    return ShardLayout(listing, order, tuple(bounds), split, context)
 
 
 def check_image(data: bytes, limits: ImageLimits | None = None) -> tuple[int, int]:
@@ -400,15 +461,15 @@ def _missing_keys(obj: dict[str, Any], keys: dict[str, type]) -> str | None:
     return None
 
 
-def _finished_record(plan: ShardPlan, out_dir: str) -> dict[str, Any] | None:
-    """The record of a shard that an earlier run completed with the same plan, else None."""
-    record_path = storage.join(out_dir, plan.name + ".done.json")
+def _finished_record(name: str, fingerprint: str, out_dir: str) -> dict[str, Any] | None:
+    """The record of shard ``name`` when an earlier run completed it with the same plan, else None."""
+    record_path = storage.join(out_dir, name + ".done.json")
     if not storage.exists(record_path):
         return None
     record = read_done_record(record_path)
-    if record is None or record.get("fingerprint") != plan.fingerprint:
+    if record is None or record.get("fingerprint") != fingerprint:
         return None
-    if storage.file_size(storage.join(out_dir, plan.name)) != record.get("bytes"):
+    if storage.file_size(storage.join(out_dir, name)) != record.get("bytes"):
         return None
     return record
 
@@ -428,7 +489,7 @@ _INPUT_NAMES = {"categories": "the category list", "num_categories": "the catego
                 "labels": "the label conversion"}
 
 
-def _changes(manifest: dict[str, Any], inputs: dict[str, Any], plans: list[ShardPlan]) -> list[str]:
+def _changes(manifest: dict[str, Any], inputs: dict[str, Any], names: list[str], fingerprints: list[str]) -> list[str]:
     """What differs between an existing manifest's inputs and this run's (for the refusal message)."""
     previous = manifest.get("inputs")
     if not isinstance(previous, dict):
@@ -437,36 +498,38 @@ def _changes(manifest: dict[str, Any], inputs: dict[str, Any], plans: list[Shard
     if changed:  # they are part of every shard's fingerprint: all shards differ
         return list(dict.fromkeys(changed))
     old_shards = previous.get("shard_fingerprints") or []
-    differing = [plan.name for i, plan in enumerate(plans)
-                 if i >= len(old_shards) or old_shards[i] != plan.fingerprint]
+    differing = [name for i, (name, fingerprint) in enumerate(zip(names, fingerprints))
+                 if i >= len(old_shards) or old_shards[i] != fingerprint]
     if differing:
-        changed.append(f"the images or ground truth of {len(differing)} of {len(plans)} shards "
+        changed.append(f"the images or ground truth of {len(differing)} of {len(names)} shards "
                        f"(first {differing[0]})")
-    elif len(old_shards) != len(plans):
-        changed.append(f"the number of shards ({len(old_shards)} -> {len(plans)})")
+    elif len(old_shards) != len(names):
+        changed.append(f"the number of shards ({len(old_shards)} -> {len(names)})")
     return changed or ["the source tree (recorded by an older lussray)"]
 
 
 def prepare_split(
     src: str, out: str, split: str, categories: Categories, *,
     samples_per_shard: int, max_shard_bytes: int, workers: int, limits: ImageLimits,
-    overwrite: bool = False, samples: list[Sample] | None = None,
+    overwrite: bool = False, samples: list[Sample] | None = None, listing: Listing | None = None,
     convert_label: Callable[[bytes], bytes] | None = None,
 ) -> dict[str, Any]:
     """Pack one split; returns its manifest (existing one when the split is already complete).
 
     A scene layout (``lussray.data.scene``) passes its ``samples`` (no image-level class: the json
     member's ``class_id`` is null), ``categories`` built from its class names and the
-    ``convert_label`` of its ``seg.png`` bytes (with a ``name``, part of the fingerprint).
+    ``convert_label`` of its ``seg.png`` bytes (with a ``name``, part of the fingerprint). A given
+    ``listing`` (ImageNet-1k's train folder) is packed without image-level classes too.
 
     Raises:
         UserError: when ``<out>/<split>`` holds a manifest made from other inputs (naming what
             changed), unless ``overwrite``: then the changed shards are written again.
     """
     out_dir = storage.join(out, split)
-    scene = samples is not None
-    samples = samples if scene else list_split(src, split, categories.wnids)
-    if not samples:
+    classless = samples is not None or listing is not None
+    if listing is None:
+        listing = SampleList(samples) if samples is not None else scan_split(src, split, categories.wnids)
+    if not len(listing):
         raise UserError(f"{Path(src) / split} holds no images of the {categories.num_classes} categories")
     inputs = {"categories": _category_digest(categories), "num_categories": categories.num_classes,
               "max_aspect": limits.max_aspect, "max_pixels": limits.max_pixels,
@@ -474,8 +537,10 @@ def prepare_split(
     if convert_label is not None:
         inputs["labels"] = getattr(convert_label, "name", repr(convert_label))
     context = "|".join(f"{key}={value}" for key, value in inputs.items())
-    plans = plan_shards(mixed_order(samples), split, samples_per_shard, max_shard_bytes, context)
-    plan_fingerprint = hashlib.sha256("".join(p.fingerprint for p in plans).encode()).hexdigest()[:16]
+    layout = layout_shards(listing, split, samples_per_shard, max_shard_bytes, context)
+    names = [f"{split}-{index:06d}.tar" for index in range(len(layout))]
+    fingerprints = [layout.plan(index).fingerprint for index in range(len(layout))]
+    plan_fingerprint = hashlib.sha256("".join(fingerprints).encode()).hexdigest()[:16]
     manifest_path = storage.join(out_dir, MANIFEST)
     if storage.exists(manifest_path):
         try:
@@ -487,7 +552,8 @@ def prepare_split(
                   f"{manifest['num_shards']} shards), nothing to do", flush=True)
             return manifest
         if manifest is not None:
-            raise UserError(f"{manifest_path} was prepared from other inputs (changed: {'; '.join(_changes(manifest, inputs, plans))}"
+            changes = _changes(manifest, inputs, names, fingerprints)
+            raise UserError(f"{manifest_path} was prepared from other inputs (changed: {'; '.join(changes)}"
                             f"): write to a new --out folder, or pass --overwrite to rewrite the changed shards")
         storage.remove(manifest_path)  # --overwrite: the split is incomplete until the new one is written
     storage.makedirs(out_dir)
@@ -495,28 +561,25 @@ def prepare_split(
 
     records: dict[int, dict[str, Any]] = {}
     todo = []
-    for plan in plans:
-        record = _finished_record(plan, out_dir)
+    for index, (name, fingerprint) in enumerate(zip(names, fingerprints)):
+        record = _finished_record(name, fingerprint, out_dir)
         if record is None:
-            todo.append(plan)
+            todo.append(index)
         else:
-            records[plan.index] = record
+            records[index] = record
     if records:
-        print(f"prepare {split}: resuming, {len(records)} of {len(plans)} shards already written", flush=True)
-    started = time.perf_counter()
-    class_ids = {} if scene else {wnid: categories.class_id(wnid) for wnid in categories.wnids}
-    done_samples = 0
-    jobs = [(plan, out_dir, class_ids, limits, convert_label) for plan in todo]
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(max(1, min(workers, len(jobs)))) if len(jobs) > 1 and workers > 1 else _InlinePool() as pool:
-        for plan, record in zip(todo, pool.imap(_write_shard_job, jobs)):
-            records[plan.index] = record
-            done_samples += len(plan.samples)
-            rate = done_samples / max(time.perf_counter() - started, 1e-9)
-            print(f"prepare {split}: shard {len(records)}/{len(plans)} {plan.name} "
-                  f"({record['num_samples']} samples, {rate:.0f} img/s)", flush=True)
+        print(f"prepare {split}: resuming, {len(records)} of {len(layout)} shards already written", flush=True)
+    class_ids = {} if classless else {wnid: categories.class_id(wnid) for wnid in categories.wnids}
+    jobs = ((layout.plan(index), out_dir, class_ids, limits, convert_label) for index in todo)
+    started, done_samples = time.perf_counter(), 0
+    for index, record in zip(todo, _written(jobs, len(todo), workers)):
+        records[index] = record
+        done_samples += record["num_samples"] + len(record["skipped"])
+        rate = done_samples / max(time.perf_counter() - started, 1e-9)
+        print(f"prepare {split}: shard {len(records)}/{len(layout)} {names[index]} "
+              f"({record['num_samples']} samples, {rate:.0f} img/s)", flush=True)
 
-    ordered = [records[index] for index in range(len(plans))]
+    ordered = [records[index] for index in range(len(layout))]
     skipped = [item for record in ordered for item in record["skipped"]]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -526,9 +589,9 @@ def prepare_split(
         "num_classes": categories.num_classes,
         "num_samples": sum(record["num_samples"] for record in ordered),
         "num_shards": len(ordered),
-        "has_segmentation": any(sample.label_path is not None for sample in samples),
+        "has_segmentation": listing.has_labels(),
         "plan_fingerprint": plan_fingerprint,
-        "inputs": {**inputs, "shard_fingerprints": [plan.fingerprint for plan in plans]},
+        "inputs": {**inputs, "shard_fingerprints": fingerprints},
         "shards": [{key: record[key] for key in SHARD_ENTRY_KEYS if key in record} for record in ordered],
         "skipped": skipped,
     }
@@ -536,17 +599,24 @@ def prepare_split(
     return manifest
 
 
-class _InlinePool:
-    """A stand-in for a process pool that runs jobs in this process (one worker or one job)."""
+def _written(jobs: Iterator[tuple], count: int, workers: int) -> Iterator[dict[str, Any]]:
+    """The records of :func:`write_shard` for ``jobs``, in order, from ``workers`` processes.
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def imap(self, fn: Any, jobs: list) -> Any:
-        return map(fn, jobs)
+    At most two jobs per process are handed out ahead (a job carries its shard's samples): the
+    driver never holds the samples of the whole split.
+    """
+    if count <= 1 or workers <= 1:
+        yield from map(_write_shard_job, jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, count)) as pool:
+        pending: list[Any] = []
+        for job in jobs:
+            pending.append(pool.apply_async(_write_shard_job, (job,)))
+            if len(pending) >= 2 * workers:
+                yield pending.pop(0).get()
+        for result in pending:
+            yield result.get()
 
 
 def _present_splits(src: str) -> list[str]:
@@ -638,8 +708,8 @@ def prepare_full_train(folder: str, out: str, categories: Categories, **kwargs: 
     wnids = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()) if root.is_dir() else []
     if not wnids:
         raise UserError(f"--imagenet-train {folder}: not a folder of class folders (<wnid>/*.JPEG)")
-    samples = list_split(root.parent, root.name, wnids)
-    return prepare_split(str(root.parent), out, FULL_TRAIN_SPLIT, categories, samples=samples, **kwargs)
+    listing = scan_split(root.parent, root.name, wnids)
+    return prepare_split(str(root.parent), out, FULL_TRAIN_SPLIT, categories, listing=listing, **kwargs)
 
 
 def report_split(manifest: dict[str, Any], out: str, split: str) -> int:

@@ -29,14 +29,16 @@ refused (``--overwrite`` removes the folder and generates the labels again).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,6 +60,7 @@ from lussray.seeds import derived_seed
 STAGE = "labelgen"
 ATTENTION_STAGE = "attention"
 DONE = ".done.json"
+PREFETCH_BATCHES = 2  # input batches an embedding actor prepares ahead of its forward pass
 EVALUATED_SPLITS = ("validation", "train-semi")  # the pseudo labels' own scores, where ground truth exists
 
 
@@ -126,6 +129,7 @@ class _ModelActor:
             raise UserError(f"{checkpoint} holds no pixel attention: pass a `lussray attention` checkpoint")
         self.model = model.eval().to(self.device)
         self.short_side = short_side
+        self.ready_at = time.time()  # the end of this actor's start-up (wall clock, for the pool's figures)
 
     def _normalize(self, images: np.ndarray):
         import torch
@@ -146,37 +150,61 @@ class _ModelActor:
 
 
 class EmbedShards(_ModelActor):
-    """Step 1: one parquet of ``(key, embedding)`` per training shard."""
+    """Step 1: one parquet of ``(key, embedding)`` per training shard.
+
+    A thread reads the tar, decodes, resizes, crops and stacks the next batches
+    (:data:`PREFETCH_BATCHES` ahead) while the model embeds the current one, so the forward pass
+    does not wait for the input. Each result row carries where the actor's time went
+    (``forward_s``, ``input_wait_s``, ``decode_s`` in the thread, ``write_s``) and the wall-clock
+    start and end of the shard and of the actor's start-up (``ready_at``), which the driver turns
+    into the pool's start-up and steady-state rate (:class:`PoolStats`).
+    """
 
     def __init__(self, *args, crop_size: int, batch_size: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.crop_size, self.batch_size = crop_size, batch_size
+
+    def _batches(self, shard: str, timing: dict[str, float]) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(keys, crops)`` of up to ``batch_size`` images: Resize + CenterCrop, uint8 (B, S, S, 3)."""
+        from lussray.data.augment import center_crop, decode_image, resize_shorter_side
+        from lussray.data.shards import iter_tar
+
+        keys, crops = [], []
+        started = time.perf_counter()
+        for key, members in iter_tar(shard):
+            keys.append(key)
+            crops.append(center_crop(resize_shorter_side(decode_image(members["jpg"]), self.short_side),
+                                     self.crop_size))
+            if len(keys) == self.batch_size:
+                timing["decode_s"] += time.perf_counter() - started
+                yield keys, np.stack(crops)
+                keys, crops = [], []
+                started = time.perf_counter()
+        if keys:
+            timing["decode_s"] += time.perf_counter() - started
+            yield keys, np.stack(crops)
 
     def process(self, job: dict[str, Any]) -> dict[str, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
         import torch
 
-        from lussray.data.augment import center_crop, decode_image, resize_shorter_side
-        from lussray.data.shards import iter_tar
-
-        started = time.perf_counter()
-        keys, chunks, pending = [], [], []
-
-        def flush() -> None:
-            crops = np.stack([center_crop(resize_shorter_side(decode_image(data), self.short_side), self.crop_size)
-                              for data in pending])
-            with torch.inference_mode():
-                chunks.append(self.model.cluster_embedding(self._normalize(crops)).float().cpu().numpy())
-            pending.clear()
-
-        for key, members in iter_tar(str(job["shard"])):
-            keys.append(key)
-            pending.append(members["jpg"])
-            if len(pending) == self.batch_size:
-                flush()
-        if pending:
-            flush()
+        began, started = time.time(), time.perf_counter()
+        timing = {"decode_s": 0.0, "forward_s": 0.0, "input_wait_s": 0.0}
+        keys, chunks = [], []
+        with contextlib.closing(prefetched(self._batches(str(job["shard"]), timing), PREFETCH_BATCHES)) as batches:
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                timing["input_wait_s"] += time.perf_counter() - waited
+                if batch is None:
+                    break
+                computed = time.perf_counter()
+                with torch.inference_mode():
+                    chunks.append(self.model.cluster_embedding(self._normalize(batch[1])).float().cpu().numpy())
+                timing["forward_s"] += time.perf_counter() - computed
+                keys.extend(batch[0])
+        written = time.perf_counter()
         embeddings = np.concatenate(chunks).astype(np.float32)
         table = pa.table({"key": pa.array(keys, pa.string()),
                           "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()),
@@ -184,7 +212,59 @@ class EmbedShards(_ModelActor):
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         storage.write_bytes_atomic(str(job["out"]), buffer.getvalue())
-        return {"shard": str(job["shard"]), "num_images": len(keys), "seconds": time.perf_counter() - started}
+        return {"shard": str(job["shard"]), "num_images": len(keys), "seconds": time.perf_counter() - started,
+                **timing, "write_s": time.perf_counter() - written, "began": began, "ended": time.time(),
+                "ready_at": self.ready_at, "pid": os.getpid()}
+
+
+def prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` produced by a background thread up to ``depth`` ahead of the consumer.
+
+    The producer's work (reading, decoding, resizing: PIL and numpy release the GIL) overlaps
+    the consumer's (the forward pass). An error of the producer is raised in the consumer; a
+    consumer that stops early (an error, ``close()``) stops the producer.
+    """
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop, end = threading.Event(), object()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(end)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            offer(_Failed(error))
+        finally:
+            getattr(items, "close", lambda: None)()  # a generator's open tar, in the thread that iterated it
+
+    thread = threading.Thread(target=produce, name="lussray-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not end:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
 
 
 class LabelShards(_ModelActor):
@@ -193,31 +273,73 @@ class LabelShards(_ModelActor):
     ``mode == "write"``: a pseudo-label shard (image bytes + label PNG) and its ``.done.json``.
     ``mode == "stats"``: the evaluator's per-image statistics against the shard's ground truth at
     the thresholds ``taus`` (pickled, for the driver's :class:`~lussray.eval.sweep.TauSweep`).
+
+    Images are decoded in a prefetch thread and labelled in batches of up to ``batch_size`` images
+    and ``max_batch_pixels`` input pixels; images of one input shape share a forward pass.
     """
 
     def __init__(self, *args, centroids: np.ndarray, tau: float, num_classes: int, score_scale: str = "absolute",
-                 taus: list[float] | None = None, png_root: str | None = None, **kwargs) -> None:
+                 taus: list[float] | None = None, png_root: str | None = None, batch_size: int = 1,
+                 max_batch_pixels: int | None = None, **kwargs) -> None:
         import torch
 
         super().__init__(*args, **kwargs)
         self.centroids = torch.tensor(np.asarray(centroids, np.float32), device=self.device)
         self.tau, self.num_classes, self.taus, self.png_root = tau, num_classes, taus, png_root
         self.score_scale = score_scale
+        self.batch_size, self.max_batch_pixels = batch_size, max_batch_pixels
 
     def pixel_maps(self, jpeg: bytes) -> tuple[np.ndarray, np.ndarray]:
         """Cluster ids (1..K) and foreground scores at the image's own resolution."""
+        from lussray.data.augment import decode_image
+
+        return self.pixel_maps_batch([decode_image(jpeg)])[0]
+
+    def pixel_maps_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`pixel_maps` of decoded uint8 (H, W, 3) images; one forward pass per input shape."""
         import torch
 
         from lussray.clustering.pixel_labels import assign_pixels, foreground_scores
-        from lussray.data.augment import decode_image, resize_shorter_side
+        from lussray.data.augment import resize_shorter_side
 
-        image = decode_image(jpeg)
-        size = image.shape[:2]
-        with torch.inference_mode():
-            features, attention = self.model.attention_maps(self._normalize(resize_shorter_side(image, self.short_side)[None]))
-            ids = assign_pixels(features, self.centroids, size)[0]
-            scores = foreground_scores(attention, size, self.score_scale)[0]
-        return ids.cpu().numpy(), scores.cpu().numpy()
+        inputs = [resize_shorter_side(image, self.short_side) for image in images]
+        groups: dict[tuple, list[int]] = {}
+        for i, (image, resized) in enumerate(zip(images, inputs)):
+            groups.setdefault((resized.shape, image.shape[:2]), []).append(i)
+        out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(images)  # type: ignore[list-item]
+        for (_, size), members in groups.items():
+            with torch.inference_mode():
+                features, attention = self.model.attention_maps(self._normalize(np.stack([inputs[i] for i in members])))
+                ids = assign_pixels(features, self.centroids, size).cpu().numpy()
+                scores = foreground_scores(attention, size, self.score_scale).cpu().numpy()
+            for row, i in enumerate(members):
+                out[i] = (ids[row], scores[row])
+        return out
+
+    def _labelled(self, shard: str, wanted=lambda members: True) -> Iterator[tuple[str, dict, np.ndarray, np.ndarray]]:
+        """``(key, members, ids, scores)`` of the shard's samples that are ``wanted``, in shard order."""
+        for batch in prefetched(self._decoded(shard, wanted), PREFETCH_BATCHES):
+            maps = self.pixel_maps_batch([image for _, _, image in batch])
+            for (key, members, _), (ids, scores) in zip(batch, maps):
+                yield key, members, ids, scores
+
+    def _decoded(self, shard: str, wanted) -> Iterator[list[tuple[str, dict, np.ndarray]]]:
+        """Batches of ``(key, members, image)``, bounded in images and in pixels."""
+        from lussray.data.augment import decode_image
+        from lussray.data.shards import iter_tar
+
+        batch, pixels = [], 0
+        for key, members in iter_tar(shard):
+            if not wanted(members):
+                continue
+            image = decode_image(members["jpg"])
+            batch.append((key, members, image))
+            pixels += image.shape[0] * image.shape[1]
+            if len(batch) >= self.batch_size or (self.max_batch_pixels and pixels >= self.max_batch_pixels):
+                yield batch
+                batch, pixels = [], 0
+        if batch:
+            yield batch
 
     def process(self, job: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -226,14 +348,10 @@ class LabelShards(_ModelActor):
 
     def _stats(self, job: dict[str, Any]) -> dict[str, Any]:
         from lussray.data.imagenet_s import label_from_png_bytes
-        from lussray.data.shards import iter_tar
         from lussray.eval.stats import image_stats
 
         stats = []
-        for key, members in iter_tar(str(job["shard"])):
-            if "seg.png" not in members:
-                continue
-            ids, scores = self.pixel_maps(members["jpg"])
+        for key, members, ids, scores in self._labelled(str(job["shard"]), lambda members: "seg.png" in members):
             stats.append(image_stats(ids, label_from_png_bytes(members["seg.png"]), self.num_classes,
                                      scores=scores, taus=np.asarray(self.taus), key=key))
         return {"num_images": len(stats), "stats": pickle.dumps(stats)}
@@ -241,14 +359,13 @@ class LabelShards(_ModelActor):
     def _write(self, job: dict[str, Any]) -> dict[str, Any]:
         from lussray.clustering.pixel_labels import apply_threshold, label_histogram
         from lussray.data.imagenet_s import label_to_png_bytes
-        from lussray.data.shards import iter_tar, write_tar
+        from lussray.data.shards import write_tar
 
         num_clusters = self.centroids.shape[0]
         histogram = np.zeros(num_clusters + 1, np.int64)
 
         def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
-            for key, members in iter_tar(str(job["shard"])):
-                ids, scores = self.pixel_maps(members["jpg"])
+            for key, members, ids, scores in self._labelled(str(job["shard"])):
                 labels = apply_threshold(ids, scores, self.tau)
                 histogram[:] += label_histogram(labels, num_clusters)
                 png = label_to_png_bytes(labels)
@@ -267,13 +384,21 @@ class LabelShards(_ModelActor):
 
 @dataclass
 class Timings:
-    """Seconds per step and the peak memory seen in the driver and the actors."""
+    """Seconds per step, the peak memory seen in the driver and the actors, the pools' figures."""
 
     seconds: dict[str, float]
     peak_actor_rss_mb: float = 0.0
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    driver_rss_mb: dict[str, float] = field(default_factory=dict)  # the driver's peak by the end of each step
+    actor_rss_mb: dict[str, float] = field(default_factory=dict)  # the actors' peak per pool pass
 
     def step(self, name: str, started: float) -> None:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+        self.driver_rss_mb[name] = round(peak_rss_mb(), 1)
+
+    def actor_peak(self, what: str, rss_mb: float) -> None:
+        self.peak_actor_rss_mb = max(self.peak_actor_rss_mb, rss_mb)
+        self.actor_rss_mb[what] = round(max(self.actor_rss_mb.get(what, 0.0), rss_mb), 1)
 
 
 TIMINGS = Timings({})
@@ -309,12 +434,62 @@ def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, 
     started, images = time.perf_counter(), 0
     for done, row in enumerate(ray_cluster.checked(dataset.iter_rows(), f"[{STAGE}] {what}"), start=1):
         images += int(row["num_images"])
-        TIMINGS.peak_actor_rss_mb = max(TIMINGS.peak_actor_rss_mb, float(row["peak_rss_mb"]))
+        TIMINGS.actor_peak(what, float(row["peak_rss_mb"]))
         elapsed = time.perf_counter() - started
         print(f"[{STAGE}] {what}: shard {done}/{len(jobs)} {os.path.basename(str(row['shard']))} "
               f"({images} images, {images / max(elapsed, 1e-9):.1f} img/s, "
               f"ETA {elapsed / done * (len(jobs) - done):.0f} s)", flush=True)
         yield row
+
+
+class PoolStats:
+    """Start-up and steady-state figures of one pass of the embedding pool, from its result rows.
+
+    Kept per actor (a handful of numbers each, whatever the number of shards or images):
+
+    - ``ready_s``: from the start of the pass until the last actor had loaded its model
+      (process start, imports, model load); ``startup_s``: until the last actor began its first
+      shard (Ray Data's first dispatch too);
+    - ``steady_images_per_s``: the sum over actors of images / (end of its last shard - start of
+      its first), i.e. the rate once every actor works;
+    - ``shares``: where the actors' steady-state time went (forward pass, waiting for input,
+      writing parquet, the rest: Ray's hand-over between shards and batch assembly), and
+      ``decode_share``, the input preparation that ran in the prefetch thread beside the forward.
+    """
+
+    FIELDS = ("num_images", "forward_s", "input_wait_s", "write_s", "decode_s")
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.actors: dict[int, dict[str, float]] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Account one result row of :class:`EmbedShards`."""
+        actor = self.actors.setdefault(int(row["pid"]), {"began": math.inf, "ended": 0.0,
+                                                          "ready_at": float(row["ready_at"]),
+                                                          **{name: 0.0 for name in self.FIELDS}})
+        actor["began"] = min(actor["began"], float(row["began"]))
+        actor["ended"] = max(actor["ended"], float(row["ended"]))
+        for name in self.FIELDS:
+            actor[name] += float(row[name])
+
+    def summary(self) -> dict[str, Any]:
+        """The figures (see the class doc); empty when no shard was processed."""
+        if not self.actors:
+            return {}
+        actors = list(self.actors.values())
+        windows = [max(a["ended"] - a["began"], 1e-9) for a in actors]
+        window = sum(windows)
+        shares = {name.removesuffix("_s"): sum(a[name] for a in actors) / window
+                  for name in ("forward_s", "input_wait_s", "write_s")}
+        shares["other"] = 1.0 - sum(shares.values())
+        return {"actors": len(actors), "images": int(sum(a["num_images"] for a in actors)),
+                "ready_s": round(max(a["ready_at"] for a in actors) - self.started, 2),
+                "startup_s": round(max(a["began"] for a in actors) - self.started, 2),
+                "seconds": round(max(a["ended"] for a in actors) - self.started, 2),
+                "steady_images_per_s": round(sum(a["num_images"] / w for a, w in zip(actors, windows)), 1),
+                "shares": {name: round(value, 4) for name, value in shares.items()},
+                "decode_share": round(sum(a["decode_s"] for a in actors) / window, 4)}
 
 
 def model_args(config: LussConfig, checkpoint: str) -> tuple[str, dict[str, Any], int, int]:
@@ -376,8 +551,14 @@ def embed(config: LussConfig, data: str, outputs: Outputs, actor_args: tuple) ->
         print(f"[{STAGE}] embed: {len(shards) - len(jobs)} of {len(shards)} shards already embedded", flush=True)
     kwargs = dict(zip(("checkpoint", "model_kwargs", "short_side", "torch_threads"), actor_args),
                   crop_size=config.labelgen.crop_size, batch_size=config.labelgen.batch_size)
-    for _ in map_shards(jobs, EmbedShards, kwargs, config, "embed"):
-        pass
+    pool = PoolStats()
+    for row in map_shards(jobs, EmbedShards, kwargs, config, "embed"):
+        pool.add(row)
+    if pool.actors:
+        TIMINGS.pools["embed"] = figures = pool.summary()
+        print(f"[{STAGE}] embed: {figures['actors']} actors started in {figures['startup_s']:.1f} s, then "
+              f"{figures['steady_images_per_s']:.1f} img/s (forward {100 * figures['shares']['forward']:.0f}% "
+              f"of their time)", flush=True)
     return files
 
 
@@ -391,14 +572,15 @@ def cluster(config: LussConfig, files: list[str], outputs: Outputs, num_clusters
     cfg = config.labelgen
     result = sharded_kmeans(files, num_clusters, num_actors=cfg.kmeans_actors, niter=cfg.kmeans_iterations,
                             nredo=cfg.kmeans_redo, seed=derived_seed(config.seed, STAGE, "kmeans"),
-                            spherical=cfg.spherical,
-                            normalize_rows=True, gpus_per_actor=cfg.gpus_per_actor)
+                            spherical=cfg.spherical, normalize_rows=True, gpus_per_actor=cfg.gpus_per_actor,
+                            cpus_per_actor=cfg.kmeans_cpus_per_actor)
     buffer = io.BytesIO()
     np.save(buffer, result.centroids.astype(np.float32))
     storage.write_json_atomic(outputs.kmeans, {
         "num_clusters": num_clusters, "num_points": result.num_points, "dim": result.dim,
         "objective": result.objective, "iteration_objectives": result.iteration_objectives,
-        "seconds": result.seconds, "actors": cfg.kmeans_actors, "redo": cfg.kmeans_redo})
+        "seconds": result.seconds, "actors": cfg.kmeans_actors, "redo": cfg.kmeans_redo,
+        "peak_rss_mb_per_actor": result.peak_rss_mb_per_actor, "rebuilds": result.rebuilds})
     storage.write_bytes_atomic(outputs.centroids, buffer.getvalue())
     print(f"[{STAGE}] kmeans: K={num_clusters} over {result.num_points} images, objective {result.objective:.4g}, "
           f"{result.seconds:.1f} s", flush=True)
@@ -569,7 +751,8 @@ def _generate(config: LussConfig, data: str, outputs: Outputs, checkpoint: str, 
     TIMINGS.step("kmeans", step_started)
     label_kwargs = {**dict(zip(("checkpoint", "model_kwargs", "short_side", "torch_threads"), actor_args)),
                     "centroids": centroids, "tau": 0.0, "num_classes": config.dataset.num_classes,
-                    "score_scale": cfg.score_scale}
+                    "score_scale": cfg.score_scale, "batch_size": cfg.batch_size,
+                    "max_batch_pixels": cfg.batch_size * cfg.crop_size ** 2}  # an embedding batch's input pixels
     step_started = time.perf_counter()
     tau = choose_tau(config, data, outputs, label_kwargs, tau)
     TIMINGS.step("tau", step_started)
@@ -587,7 +770,9 @@ def _generate(config: LussConfig, data: str, outputs: Outputs, checkpoint: str, 
     TIMINGS.step("metrics", step_started)
     summary.update({"seconds": round(time.perf_counter() - started, 1), "step_seconds": TIMINGS.seconds,
                     "peak_rss_mb": {"driver": round(peak_rss_mb(), 1),
-                                    "actor": round(TIMINGS.peak_actor_rss_mb, 1)}})
+                                    "actor": round(TIMINGS.peak_actor_rss_mb, 1),
+                                    "driver_by_step": TIMINGS.driver_rss_mb, "actor_by_pass": TIMINGS.actor_rss_mb},
+                    "pools": TIMINGS.pools})
     storage.write_json_atomic(outputs.summary, summary)
     _print_summary(summary, outputs)
 

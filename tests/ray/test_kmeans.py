@@ -1,5 +1,8 @@
 """Sharded k-means over Ray actors equals faiss.Kmeans in one process on the same data."""
 
+import os
+import signal
+import threading
 import time
 
 import faiss
@@ -10,12 +13,14 @@ import pytest
 
 from lussray.clustering import lloyd
 from lussray.clustering.kmeans import (
+    EmbeddingShard,
     group_files,
     openblas_env,
     read_embeddings_parquet,
     sharded_kmeans,
 )
 from lussray.errors import UserError
+from tests.ray.kill import wait_for_process
 
 pytestmark = pytest.mark.ray
 
@@ -79,17 +84,34 @@ def test_openblas_kernels_are_forced_only_on_avx512_and_when_unset(tmp_path, mon
     assert openblas_env(str(avx512)) == {}
 
 
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
 @pytest.mark.parametrize("spherical", [False, True])
-def test_equals_faiss_with_same_init(ray_cluster, data, spherical):
+def test_equals_faiss_with_same_init(ray_cluster, data, spherical, engine):
     x, paths = data
     points = lloyd.normalize_rows(x, 1e-8) if spherical else x
     init = points[np.random.default_rng(1).choice(N, K, replace=False)]
     result = sharded_kmeans(paths, K, niter=NITER, spherical=spherical, normalize_rows=spherical,
-                            init_centroids=init, **ACTOR)
+                            init_centroids=init, engine=engine, **ACTOR)
     assert (result.num_points, result.dim) == (N, D) and len(result.peak_rss_mb_per_actor) == 3
     assert_same(result, faiss_kmeans(points, spherical, init=init))
     if spherical:
         np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, rtol=1e-5)
+
+
+def test_torch_engine_keeps_the_rows_as_a_tensor_and_gives_the_faiss_statistics(data):
+    torch = pytest.importorskip("torch")
+    _, paths = data
+    shards = {engine: EmbeddingShard(paths[:2], "embedding", True, False, False, 1, engine=engine)
+              for engine in ("faiss", "torch")}
+    assert shards["torch"].load() == shards["faiss"].load()
+    assert isinstance(shards["torch"]._points, torch.Tensor) and isinstance(shards["faiss"]._points, np.ndarray)
+    centroids = shards["faiss"].rows(np.arange(K))
+    np.testing.assert_array_equal(shards["torch"].rows(np.arange(K)), centroids)
+    faiss_stats, torch_stats = (shards[e].partial_stats(centroids) for e in ("faiss", "torch"))
+    np.testing.assert_array_equal(torch_stats.counts, faiss_stats.counts)
+    np.testing.assert_allclose(torch_stats.sums, faiss_stats.sums, rtol=1e-6, atol=1e-6)
+    with pytest.raises(UserError, match="engine 'cuda' is not one of auto, faiss, torch"):
+        EmbeddingShard(paths[:1], "embedding", True, False, False, 1, engine="cuda")
 
 
 def test_redos_keep_the_best_objective_as_faiss(ray_cluster, data, capsys):
@@ -136,3 +158,37 @@ def test_errors_name_the_problem_and_free_the_actors(ray_cluster, data, tmp_path
     with pytest.raises(UserError, match="not found"):
         sharded_kmeans([str(tmp_path / "missing.parquet")], K, **ACTOR)
     assert _wait_for_free_cpus(ray_cluster, free) == free  # every actor was killed
+
+
+def test_an_actor_killed_mid_iteration_is_rebuilt_and_the_result_is_unchanged(ray_cluster, tmp_path, capsys):
+    # big enough that an iteration's search takes tens of milliseconds, so the kill lands inside one
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((240_000, 64)).astype(np.float32)
+    paths = [write_embeddings(tmp_path / f"train-{i:06d}.parquet", part) for i, part in enumerate(np.split(x, 6))]
+    args = dict(niter=40, seed=7, normalize_rows=True, num_actors=3, cpus_per_actor=0.5, log_every=0)
+    unbroken = sharded_kmeans(paths, 200, **args)
+    assert unbroken.rebuilds == 0
+    capsys.readouterr()
+
+    killed: list[int] = []
+    finished = threading.Event()
+
+    def kill_one_in_its_search() -> None:
+        # the actor's process is named after the method it runs: kill it inside partial_stats
+        pid = wait_for_process("ray::EmbeddingShard.partial_stats", under=os.getpid(), timeout_s=300,
+                               running=lambda: not finished.is_set())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    watcher = threading.Thread(target=kill_one_in_its_search, daemon=True)
+    watcher.start()
+    try:
+        result = sharded_kmeans(paths, 200, **args)
+    finally:
+        finished.set()
+        watcher.join(timeout=60)
+    assert killed, "the k-means run ended before an actor could be killed in its search"
+    assert result.rebuilds == 1
+    assert "died during partial_stats" in capsys.readouterr().out
+    np.testing.assert_allclose(result.centroids, unbroken.centroids, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(result.iteration_objectives, unbroken.iteration_objectives, rtol=1e-9)

@@ -66,6 +66,27 @@ def test_block_stats_chunks_sum_in_float64(monkeypatch):
     np.testing.assert_allclose(stats.sums, exact, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("chunk", [64, lloyd.SUM_CHUNK_ROWS])
+def test_device_step_equals_faiss_step(spherical, chunk):
+    torch = pytest.importorskip("torch")
+    points, centroids = _data(n=1000)
+    if spherical:
+        points, centroids = lloyd.normalize_rows(points), lloyd.normalize_rows(centroids)
+    index = lloyd.flat_index(points.shape[1], inner_product=spherical)
+    distances, ids = lloyd.nearest_centroids(index, points, centroids)
+    expected = lloyd.block_stats(points, ids, distances, len(centroids))
+    x, c = torch.from_numpy(points), torch.from_numpy(centroids)
+    device_distances, device_ids = lloyd.device_assign(x, c, spherical, chunk)
+    np.testing.assert_array_equal(device_ids.numpy(), ids)
+    np.testing.assert_allclose(device_distances.numpy(), distances, rtol=1e-5, atol=1e-5)
+    stats = lloyd.device_block_stats(x, c, spherical, chunk)
+    assert stats.sums.dtype == np.float64 and stats.counts.dtype == np.int64
+    np.testing.assert_array_equal(stats.counts, expected.counts)
+    np.testing.assert_allclose(stats.sums, expected.sums, rtol=1e-6, atol=1e-5)
+    assert stats.objective == pytest.approx(expected.objective, rel=1e-5)
+
+
 def test_split_fills_every_empty_cluster_with_perturbed_copies():
     rng = np.random.default_rng(1)
     centroids = rng.standard_normal((6, 5)).astype(np.float32)

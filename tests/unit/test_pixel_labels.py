@@ -50,3 +50,4 @@ def test_threshold_sets_low_scores_to_other():
 
 def test_histogram_counts_zero_to_k():
     assert label_histogram(np.array([[0, 2], [2, 2]]), 3).tolist() == [1, 0, 3, 0]
+

@@ -182,7 +182,8 @@ def _label_writer(png_root):
 
     writer = object.__new__(LabelShards)
     writer.centroids, writer.tau, writer.png_root = np.zeros((2, 4), np.float32), 0.5, png_root
-    writer.pixel_maps = lambda jpeg: (np.ones((3, 3), np.int64), np.ones((3, 3), np.float32))
+    writer.batch_size, writer.max_batch_pixels = 2, None
+    writer.pixel_maps_batch = lambda images: [(np.ones((3, 3), np.int64), np.ones((3, 3), np.float32))] * len(images)
     return writer
 
 
@@ -196,6 +197,7 @@ def test_pseudo_labels_of_an_untrusted_shard_stay_in_the_run_folder(tmp_path, ke
     _hand_written_tar(shard, ["n01/ok.jpg", f"{key}.jpg"])
     job = {"shard": str(shard), "out": str(run / "labelgen" / "pseudo" / "train" / "train-000000.tar")}
     writer = _label_writer(str(run / "labelgen" / "png" / "train"))
+    monkeypatch.setattr("lussray.data.augment.decode_image", lambda data: np.zeros((3, 3, 3), np.uint8))
     with pytest.raises(UserError, match=f"train-000000.tar: sample key '{key}'"):
         writer._write(job)  # refused when read
     # and were the read check bypassed, the PNG tree's checked join still refuses the key
