@@ -117,13 +117,18 @@ def resolve(config: Any, run: str | None, file: str | None = None) -> Featurizer
                           upsample=cfg.resnet_upsample)
 
 
-def check(spec: FeaturizerSpec, stage: str) -> None:
-    """Build the featurizer once on the driver and print its load report; refuse missing weights early."""
-    _, report = spec.build(strict=True)
+def check(spec: FeaturizerSpec, stage: str) -> int:
+    """Build the featurizer once on the driver and print its load report; refuse missing weights early.
+
+    Returns:
+        The featurizer's channels C (the heads' input width).
+    """
+    featurizer, report = spec.build(strict=True)
     print(f"[{stage}] featurizer {spec.describe()}: {report.summary()}", flush=True)
     if report.unexpected:
         print(f"[{stage}] featurizer: {len(report.unexpected)} keys of the file are not used: "
               f"{', '.join(report.unexpected[:5])}", flush=True)
+    return int(featurizer.num_features)
 
 
 def to_input(images: Any, device: Any) -> Any:
