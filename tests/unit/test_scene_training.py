@@ -139,7 +139,7 @@ def test_grouped_adamw_keeps_each_groups_rate_and_refuses_untagged_parameters():
     model = adapter.build_model()
     optimizer = GroupedAdamW(lrs={"head": 1e-3, "linear_probe": 2e-3, "cluster_probe": 3e-3},
                              weight_decays={"head": 0.1})([p for p in model.parameters()])
-    rates = {g["name"]: (g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups}
+    rates = {g["name"]: (g["initial_lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups}
     assert rates == {"head": (1e-3, 0.1, 6), "linear_probe": (2e-3, 0.0, 2), "cluster_probe": (3e-3, 0.0, 1)}
     stray = nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="no optimiser group"):
@@ -159,3 +159,19 @@ def test_worker_featurizer_builds_the_stage1_resnet_from_a_checkpoint(tmp_path):
     assert out.features.shape == (2, 512, 8, 8) and out.patch_affinity.shape == (2, 64, 64)
     assert not any(p.requires_grad for p in features.module.parameters())
     torch.testing.assert_close(out.patch_affinity.diagonal(dim1=1, dim2=2), torch.full((2, 64), 2.0))
+
+
+def test_each_group_steps_at_its_own_rate_whatever_the_loop_writes_into_lr():
+    adapter = StegoAdapter(_spec(), HEADS)
+    model = adapter.build_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = GroupedAdamW(lrs={"head": 1e-3, "linear_probe": 4e-3, "cluster_probe": 0.0})(list(model.parameters()))
+    for group in optimizer.param_groups:
+        group["lr"] = 1.0  # the loop's constant schedule factor
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()  # Adam's first step moves every weight by lr (sign of a constant gradient)
+    moved = {name: float((p.detach() - before[name]).abs().max()) for name, p in model.named_parameters()}
+    assert moved["head.linear.weight"] == pytest.approx(1e-3, rel=1e-3)
+    assert moved["linear_probe.weight"] == pytest.approx(4e-3, rel=1e-3)
+    assert moved["cluster_probe.centroids"] == 0.0
+    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0, 1.0]
