@@ -188,10 +188,11 @@ class IngestConfig:
     eval_short_side: int = ranged(256, 32)  # evaluation: Resize(256) of the shorter side, aspect kept
     finetune_crop_size: int = ranged(224, 32)  # joint RandomResizedCrop for (image, label) pairs
     finetune_min_scale: float = ranged(0.08, above=0, high=1)
-    shuffle_files: bool = True
-    # Rows each Train worker mixes before batching (``iter_torch_batches``' local shuffle buffer):
-    # on top of the mixed order `lussray prepare` writes, so every epoch sees other batches.
-    shuffle_buffer_size: int = ranged(256, 0)
+    # Rows whose order one read task permutes (lussray.data.epoch_plan): every epoch the chunks of 64
+    # samples are permuted over the whole split and dealt to the workers, then each window of this
+    # many rows is read and mixed, so a batch draws rows from window_rows / 64 places of the split.
+    # Memory: the window's encoded images (~110 KB each for ImageNet: 56 MB at 512).
+    shuffle_window_rows: int = ranged(512, 1)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,6 @@ class TrainLoopConfig:
     max_failures: int = ranged(0, 0)  # Ray Train restarts after a worker failure (Ray's -1, forever, is refused)
     log_every_steps: int = ranged(10, 1)
     torch_threads: int = ranged(0, 0)  # intra-op threads per worker; 0 keeps Ray's default (its CPU count)
-    seed: int = ranged(10010, 0, 2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,9 @@ class PretrainConfig:
     loss_weights: list[float] = ranged(factory=lambda: [1.0, 1.0], low=0)
     p2p_weight: float = ranged(1.0, 0)
     p2p_grid_size: int = ranged(7, 1)
+    # The split pretraining reads: "train" (the dataset's own), or "train-full", the ImageNet-1k train
+    # set that the reference pretrains ImageNet-S919 on (`lussray prepare --imagenet-train DIR`).
+    split: str = one_of("train", ("train", "train-full"))
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
     loop: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
@@ -276,7 +279,6 @@ class LabelgenConfig:
     tau_step: float = ranged(0.01, above=0, high=1)
     kmeans_iterations: int = ranged(20, 1)
     kmeans_redo: int = ranged(30, 1)
-    kmeans_seed: int = ranged(10010, 0, 2**32 - 1)
     kmeans_actors: int = ranged(2, 1)
     spherical: bool = False
     actor_pool_min: int = ranged(1, 1)
@@ -468,6 +470,10 @@ class FrozenKmeansConfig:
 class LussConfig:
     """The whole resolved configuration of a lussray run."""
 
+    # The run's seed: every random choice of every stage derives from it (the epoch order and the
+    # augmentation of every sample, model initialisation, k-means initialisation, baselines), so the
+    # same seed, data and worker count give the same checkpoints and metrics (README, "Seeds").
+    seed: int = ranged(0, 0, 2**32 - 1)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     ray: RayConfig = field(default_factory=RayConfig)

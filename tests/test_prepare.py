@@ -247,3 +247,23 @@ def test_corrupt_shard_of_the_right_size_is_named(tmp_path):
     (path,) = shard_paths(str(tmp_path / "out"), "train")  # the size matches the manifest
     with pytest.raises(UserError, match="train-000000.tar is damaged"):
         list(iter_tar(path))
+
+
+def test_imagenet_train_folder_becomes_the_train_full_split(tmp_path, capsys):
+    from lussray.config import load_config
+    from lussray.errors import UserError
+    from lussray.stages.pretrain import pretraining_manifest
+
+    src = make_tree(tmp_path / "tree")  # ImageNet-S tree: 2 categories
+    full = make_tree(tmp_path / "in1k", wnids=("n001", "n002", "n777"), per_class=3)  # ImageNet-1k: one more class
+    config = load_config("synthetic-demo", overrides=["dataset.num_classes=2", "pretrain.split=train-full"])
+    with pytest.raises(UserError, match=r"pretrain\.split=train"):  # not prepared yet: the key is named
+        pretraining_manifest(config, str(tmp_path / "out"))
+    assert _prepare(src, tmp_path / "out", "--imagenet-train", str(full / "train")) == 0
+    manifest = pretraining_manifest(config, str(tmp_path / "out"))
+    assert manifest["split"] == "train-full" and manifest["num_samples"] == 9
+    keys = {key for path in shard_paths(str(tmp_path / "out"), "train-full") for key, _ in iter_tar(path)}
+    assert {key.split("/")[0] for key in keys} == {"n001", "n002", "n777"}
+    assert read_manifest(str(tmp_path / "out"), "train")["num_samples"] == 8  # the dataset's own train split
+    assert _prepare(src, tmp_path / "out", "--imagenet-train", str(tmp_path / "nowhere")) == 2
+    assert "not a folder of class folders" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench_ingest.py [--images 5000] [--size 256] [--cpus 2]
 
-1. the Ray Data pipeline of lussray (read_webdataset -> map_batches(multicrop_batch));
+1. the Ray Data pipeline of lussray (the seeded epoch stream: window reads -> map_batches(multicrop_batch));
 2. the baseline: torchvision ``ImageFolder`` + ``DataLoader(num_workers=2)`` over the same JPEGs,
    applying the same per-image transform (lussray.data.augment.MultiCropTransform);
 3. decode only (the limit): JPEG decoding of the same files in ``--cpus`` processes.
@@ -57,12 +57,15 @@ def bench_ray(shards: Path, cpus: int) -> float:
     import ray
 
     from lussray.config import IngestConfig
-    from lussray.data.ingest import multicrop_views
+    from lussray.data.ingest import multicrop_stream
+    from lussray.data.shards import read_manifest
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ingest = IngestConfig(map_batch_size=BATCH, cpus_per_map_task=1.0, shuffle_files=True)
-    dataset = multicrop_views(str(shards), "train", CROPS, 7, ingest)
+    ingest = IngestConfig(map_batch_size=BATCH, cpus_per_map_task=1.0)
+    stream = multicrop_stream(str(shards), "train", "pretrain", CROPS, 7, ingest, seed=0)
+    rows = read_manifest(str(shards), "train")["num_samples"]
+    dataset = stream.dataset(stream.plan(1, rows).windows(0, 0))  # one worker's epoch, as training reads it
     count, started = 0, None
     for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=4):
         if started is None:  # start the clock at the first batch: cluster start-up is not throughput
@@ -143,7 +146,7 @@ def main() -> None:
     rows = [
         ("decode only (limit)", decode),
         (f"ImageFolder + DataLoader(num_workers={args.cpus}), same transform", loader),
-        ("lussray Ray Data pipeline (read_webdataset -> map_batches)", ray_rate),
+        ("lussray Ray Data pipeline (epoch stream -> map_batches)", ray_rate),
     ]
     print(f"\n{args.images} images of {args.size} px, decode + 2x224 crops + full augmentation + P2P grids; "
           f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), {args.cpus} CPUs used")

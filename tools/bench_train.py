@@ -5,8 +5,12 @@
 Pipeline efficiency: images/s of ``python -m lussray.train`` (1 Ray Train worker, views decoded and
 augmented by Ray Data from shards, on the same cores) next to the same model, batch, loss and
 optimiser in a bare single-process loop on uint8 views already in memory. Both use ``--threads``
-torch threads. Then step time and peak memory (RSS on CPU, allocated GPU memory on CUDA) of the
-S50 (R18, 2x224 + 6x96) and S919 (R50, 2x224) configurations at batch 32, bare.
+torch threads. On a CPU machine the decoding and augmentation of a batch cannot overlap with the
+step when both need the same cores, so the bench also times the decode + augment of one batch
+alone (``multicrop_batch`` on 32 JPEGs of the shards, one process) and prints the limit of this
+machine, ``batch / (bare step + decode and augment)``, beside the two figures. Then step time and
+peak memory (RSS on CPU, allocated GPU memory on CUDA) of the S50 (R18, 2x224 + 6x96) and S919
+(R50, 2x224) configurations at batch 32, bare.
 
 Every measurement runs in its own process (clean peak memory). Results: a table, and
 bench-out/bench_train.json; the last line printed is one JSON object.
@@ -84,6 +88,32 @@ def bare(preset: str, steps: int, threads: int) -> dict:
             "peak_memory_mb": peak_memory_mb(torch.device("cpu"))}
 
 
+def augment_alone(preset: str, batches: int, shards: Path) -> dict:
+    """Seconds to decode and augment one batch of 32 JPEGs of the shards (first batch is warm-up)."""
+    from lussray.config import load_config
+    from lussray.data.ingest import IMAGE_MEMBER, multicrop_batch, multicrop_stream
+    from lussray.data.shards import iter_tar, shard_paths
+    from lussray.seeds import sample_rng
+
+    dataset, overrides = PRESETS[preset]
+    config = load_config(dataset, overrides=overrides + COMMON)
+    stream = multicrop_stream(str(shards), "train", "pretrain", config.pretrain.crops, config.pretrain.p2p_grid_size,
+                              config.ingest, seed=0)
+    samples = []
+    for path in shard_paths(str(shards), "train"):
+        samples += [(key, members[IMAGE_MEMBER]) for key, members in iter_tar(path)]
+        if len(samples) >= 32 * (batches + 1):
+            break
+    times = []
+    for index in range(batches + 1):
+        chunk = samples[32 * index:32 * (index + 1)]
+        batch = {IMAGE_MEMBER: [data for _, data in chunk]}
+        started = time.perf_counter()
+        multicrop_batch(batch, rngs=[sample_rng(0, 0, 0, key) for key, _ in chunk], **stream.fn_kwargs)
+        times.append(time.perf_counter() - started)
+    return {"batch_seconds": sum(times[1:]) / batches}
+
+
 def ray_run(preset: str, steps: int, threads: int, shards: Path, out: Path) -> dict:
     """``python -m lussray.train`` for warm-up + ``steps`` steps; throughput from its metrics."""
     dataset, overrides = PRESETS[preset]
@@ -113,25 +143,31 @@ def main() -> None:
     parser.add_argument("--preset", default="s50", choices=sorted(PRESETS), help="configuration of the Ray/bare comparison")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--part", choices=["bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["bare", "augment"], help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench-out"))
     args = parser.parse_args()
     out = Path(args.out)
-    if args.part == "bare":
-        print(json.dumps(bare(args.preset, args.steps, args.threads)))
-        return
     from bench_ingest import make_data
 
     _, shards = make_data(out / "ingest-5000-256", 5000, 256)
+    if args.part:
+        part = bare(args.preset, args.steps, args.threads) if args.part == "bare" else \
+            augment_alone(args.preset, args.steps, shards)
+        print(json.dumps(part))
+        return
     print(f"bench_train: Ray Train + Ray Data, {args.preset}, {args.steps} timed steps ...", flush=True)
     ray_result = ray_run(args.preset, args.steps, args.threads, shards, out)
     print("bench_train: bare loop ...", flush=True)
     bare_result = _in_subprocess("bare", args.preset, args.steps, args.threads, out)
+    print("bench_train: decode + augment alone ...", flush=True)
+    augment_seconds = _in_subprocess("augment", args.preset, args.steps, args.threads, out)["batch_seconds"]
+    limit = 32 / (bare_result["step_seconds"] + augment_seconds)
     configs = {}
     for preset in PRESETS:
         print(f"bench_train: step time and memory, {preset} ...", flush=True)
         configs[preset] = _in_subprocess("bare", preset, 2, args.threads, out)
     ratio = ray_result["images_per_s"] / bare_result["images_per_s"]
+    of_limit = ray_result["images_per_s"] / limit
     print(f"\nPASS training step, batch 32, 1 worker, {args.threads} torch threads, CPU "
           f"({os.cpu_count()} cores)")
     print("| measurement | images/s | s/step | peak memory (MB) |\n|---|---:|---:|---:|")
@@ -139,13 +175,18 @@ def main() -> None:
           f"{ray_result['step_seconds']:.2f} | {ray_result['peak_memory_mb']:.0f} |")
     print(f"| bare loop, in-memory views ({args.preset}) | {bare_result['images_per_s']:.2f} | "
           f"{bare_result['step_seconds']:.2f} | {bare_result['peak_memory_mb']:.0f} |")
+    print(f"| decode + augment of one batch alone ({args.preset}) | {32 / augment_seconds:.2f} | "
+          f"{augment_seconds:.2f} | - |")
+    print(f"| limit of this machine: bare step + decode and augment | {limit:.2f} | {32 / limit:.2f} | - |")
     for preset, label in (("s50", "S50: R18, 2x224 + 6x96"), ("s919", "S919: R50, 2x224")):
         r = configs[preset]
         print(f"| bare, {label} | {r['images_per_s']:.2f} | {r['step_seconds']:.2f} | {r['peak_memory_mb']:.0f} |")
-    print(f"pipeline efficiency (Ray / bare): {ratio:.3f} (target >= 0.85)")
+    print(f"Ray / bare: {ratio:.3f}; Ray / limit: {of_limit:.3f} (target >= 0.85)")
     result = {"ray_images_per_s": round(ray_result["images_per_s"], 3),
               "bare_images_per_s": round(bare_result["images_per_s"], 3),
-              "efficiency": round(ratio, 3), "preset": args.preset, "threads": args.threads,
+              "limit_images_per_s": round(limit, 3), "augment_batch_seconds": round(augment_seconds, 3),
+              "efficiency": round(ratio, 3), "of_limit": round(of_limit, 3), "preset": args.preset,
+              "threads": args.threads, "load_average": os.getloadavg()[0],
               "configs": {k: {m: round(v, 3) for m, v in r.items()} for k, r in configs.items()}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")

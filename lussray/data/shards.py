@@ -63,6 +63,13 @@ MANIFEST = "manifest.json"
 CATEGORIES = "categories.txt"
 FORMAT_VERSION = 1
 
+#: Samples per chunk of a shard's chunk index: a chunk is one byte-range read of the tar, the unit
+#: in which training streams permute the data every epoch (lussray.data.epoch_plan).
+SAMPLES_PER_CHUNK = 64
+
+#: A manifest's shard entry: these keys, plus ``chunks`` ([offset, nbytes, rows] per chunk) when indexed.
+SHARD_ENTRY_KEYS = ("name", "num_samples", "bytes", "sha256", "chunks")
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -215,7 +222,10 @@ def write_tar(samples: Iterable[tuple[str, dict[str, bytes]]], path: str) -> dic
     """Write ``(key, {suffix: bytes})`` samples as a webdataset tar at ``path``, atomically.
 
     Returns:
-        ``{"num_samples", "bytes", "sha256"}`` of the written shard.
+        ``{"num_samples", "bytes", "sha256", "chunks"}`` of the written shard; ``chunks`` lists
+        ``[offset, nbytes, rows]`` of every run of :data:`SAMPLES_PER_CHUNK` samples (the last may
+        be shorter): the byte range from the first member header of its first sample to the end of
+        its last member, so that :func:`read_chunk` reads it alone.
 
     Raises:
         UserError: naming ``path`` and the key when a sample key is unsafe (nothing is written).
@@ -224,6 +234,7 @@ def write_tar(samples: Iterable[tuple[str, dict[str, bytes]]], path: str) -> dic
         local_tmp = handle.name
     digest = hashlib.sha256()
     num_samples = 0
+    starts = []  # byte offset of every chunk's first member header
     try:
         with tarfile.open(local_tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members in samples:
@@ -231,9 +242,12 @@ def write_tar(samples: Iterable[tuple[str, dict[str, bytes]]], path: str) -> dic
                     check_sample_key(key)
                 except ValueError as error:
                     raise UserError(f"cannot write shard {path}: {error}") from None
+                if num_samples % SAMPLES_PER_CHUNK == 0:
+                    starts.append(tar.offset)
                 for suffix, data in members.items():
                     _tar_add(tar, f"{key}.{suffix}", data)
                 num_samples += 1
+            end = tar.offset  # before the end-of-archive blocks
         with open(local_tmp, "rb") as written:
             for chunk in iter(lambda: written.read(8 << 20), b""):
                 digest.update(chunk)
@@ -242,7 +256,10 @@ def write_tar(samples: Iterable[tuple[str, dict[str, bytes]]], path: str) -> dic
     finally:
         if os.path.exists(local_tmp):
             os.unlink(local_tmp)
-    return {"num_samples": num_samples, "bytes": size, "sha256": digest.hexdigest()}
+    bounds = [*starts, end]
+    chunks = [[bounds[i], bounds[i + 1] - bounds[i], min(SAMPLES_PER_CHUNK, num_samples - i * SAMPLES_PER_CHUNK)]
+              for i in range(len(starts))]
+    return {"num_samples": num_samples, "bytes": size, "sha256": digest.hexdigest(), "chunks": chunks}
 
 
 #: Zero bytes a well-formed tar may hold after its end-of-archive marker (padding of its last records).
@@ -285,7 +302,27 @@ def member_key(path: str, name: str) -> tuple[str, str]:
     return key, suffix
 
 
-def _iter_tar_stream(stream: Any, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def read_chunk(path: str, offset: int, nbytes: int) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples of the byte range ``[offset, offset + nbytes)`` of shard ``path`` (a chunk of its index).
+
+    Raises:
+        UserError: naming ``path`` when the range does not parse as whole tar members (a shard
+            changed since its manifest was written) or holds an unsafe key.
+    """
+    fs, inner = storage.filesystem(path)
+    try:
+        with fs.open_input_file(inner) as handle:
+            data = handle.read_at(nbytes, offset)
+        if len(data) != nbytes:
+            raise EOFError(f"{len(data)} of {nbytes} bytes at offset {offset}")
+        return list(_iter_tar_stream(io.BytesIO(data), path, whole_archive=False))
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise UserError(f"shard {path}: bytes {offset}..{offset + nbytes} of its chunk index are not whole "
+                        f"samples ({type(error).__name__}: {error}): restore it or run `lussray prepare` again") from None
+
+
+def _iter_tar_stream(stream: Any, path: str, whole_archive: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar stream; ``whole_archive`` also checks that nothing follows its end marker."""
     key, members, seen = None, {}, set()
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for info in tar:
@@ -303,7 +340,7 @@ def _iter_tar_stream(stream: Any, path: str) -> Iterator[tuple[str, dict[str, by
             if suffix in members:
                 raise UserError(f"shard {path}: sample {key!r} has two {suffix!r} members")
             members[suffix] = tar.extractfile(info).read()
-        trailer = stream.read(MAX_TAR_PADDING + 1)
+        trailer = stream.read(MAX_TAR_PADDING + 1) if whole_archive else b""
         if len(trailer) > MAX_TAR_PADDING or trailer.strip(b"\0"):
             raise UserError(f"shard {path} is damaged: its end-of-archive marker comes before the end "
                             f"of the file (zeroed or overwritten bytes): restore it or run `lussray prepare` again")
@@ -492,7 +529,7 @@ def prepare_split(
         "has_segmentation": any(sample.label_path is not None for sample in samples),
         "plan_fingerprint": plan_fingerprint,
         "inputs": {**inputs, "shard_fingerprints": [plan.fingerprint for plan in plans]},
-        "shards": [{key: record[key] for key in ("name", "num_samples", "bytes", "sha256")} for record in ordered],
+        "shards": [{key: record[key] for key in SHARD_ENTRY_KEYS if key in record} for record in ordered],
         "skipped": skipped,
     }
     storage.write_json_atomic(manifest_path, manifest)
@@ -527,6 +564,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="category list (one wnid per line); default: dataset.category_file, "
                              "else the folders of <src>/validation-segmentation")
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="parallel shard writers")
+    parser.add_argument("--imagenet-train", metavar="DIR",
+                        help="also pack this ImageNet-1k train folder (<wnid>/*.JPEG, every class) as the "
+                             "train-full split, which the S919 preset pretrains on (pretrain.split)")
     # scene-centric layouts (dataset.layout; lussray.data.scene)
     parser.add_argument("--list", dest="image_list", choices=("curated", "full"),
                         help="COCO-Stuff image list: curated (49,629/2,175) or full (97,702/4,172); "
@@ -572,8 +612,34 @@ def run(args: argparse.Namespace, config: Any) -> int:
             overwrite=getattr(args, "overwrite", False),
         )
         total_skipped += report_split(manifest, args.out, split)
+    if getattr(args, "imagenet_train", None):
+        manifest = prepare_full_train(args.imagenet_train, args.out, categories, samples_per_shard=samples_per_shard,
+                                      max_shard_bytes=config.dataset.max_shard_bytes, workers=args.workers,
+                                      limits=limits, overwrite=getattr(args, "overwrite", False))
+        total_skipped += report_split(manifest, args.out, FULL_TRAIN_SPLIT)
     print(f"prepare: done -> {args.out} ({total_skipped} images skipped)", flush=True)
     return 0
+
+
+#: The split holding the whole ImageNet-1k train set (S919 pretraining reads it, as the reference).
+FULL_TRAIN_SPLIT = "train-full"
+
+
+def prepare_full_train(folder: str, out: str, categories: Categories, **kwargs: Any) -> dict[str, Any]:
+    """Pack an ImageNet-1k train folder (every ``<wnid>/`` subfolder) as ``<out>/train-full``.
+
+    Its samples carry no class id (pretraining reads images only; ImageNet-1k has classes that are
+    not ImageNet-S categories).
+
+    Raises:
+        UserError: when ``folder`` is not a folder or holds no class folders.
+    """
+    root = Path(folder)
+    wnids = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()) if root.is_dir() else []
+    if not wnids:
+        raise UserError(f"--imagenet-train {folder}: not a folder of class folders (<wnid>/*.JPEG)")
+    samples = list_split(root.parent, root.name, wnids)
+    return prepare_split(str(root.parent), out, FULL_TRAIN_SPLIT, categories, samples=samples, **kwargs)
 
 
 def report_split(manifest: dict[str, Any], out: str, split: str) -> int:

@@ -33,6 +33,7 @@ from lussray import storage
 from lussray.completion import FORMAT_VERSION, StageRecord, config_fingerprint, data_fingerprint
 from lussray.config import LussConfig
 from lussray.pipelines import MethodResult, RunOptions, Stage, StageTimer
+from lussray.seeds import derived_seed
 from lussray.stages import attention, finetune, labelgen, predict, pretrain
 
 STAGE = "run"  # log prefix and record owner of the baselines, which `lussray run` computes
@@ -121,15 +122,15 @@ def random_backbone_checkpoint(config: LussConfig, run: str, overwrite: bool = F
 
     root = storage.join(run, BASELINES, "random-backbone")
     path = storage.join(root, "init.pt")
-    keys = ("arch", "hidden_mlp", "feat_dim", "num_prototypes", "loop.seed")
+    keys = ("arch", "hidden_mlp", "feat_dim", "num_prototypes")
     record = StageRecord(root, {"format": FORMAT_VERSION,
-                                **config_fingerprint(config, *(f"pretrain.{key}" for key in keys))}, STAGE)
+                                **config_fingerprint(config, *(f"pretrain.{key}" for key in keys), "seed")}, STAGE)
     record.check(overwrite)
     if not storage.exists(record.path):
         storage.write_json_atomic(record.path, record.fingerprint)
     if not storage.exists(path):
         pre = config.pretrain
-        torch.manual_seed(pre.loop.seed)
+        torch.manual_seed(derived_seed(config.seed, "random_backbone"))
         model = PASSModel(arch=pre.arch, hidden_dim=pre.hidden_mlp, feat_dim=pre.feat_dim,
                           num_prototypes=pre.num_prototypes, shallow_stages=[])
         buffer = io.BytesIO()

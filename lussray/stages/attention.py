@@ -27,7 +27,7 @@ from lussray.errors import UserError
 from lussray.models.checkpoints import load_pretrained
 from lussray.models.pass_model import PixelAttentionModel
 from lussray.stages import pretrain
-from lussray.stages.loop import LoopSpec, StepState, given_or_latest, lars_cosine_spec, steps_per_epoch
+from lussray.stages.loop import STREAM_KEYS, LoopSpec, StepState, given_or_latest, lars_cosine_spec, steps_per_epoch
 
 STAGE = "attention"
 
@@ -58,6 +58,8 @@ def stage1_checkpoint(run: str, init: str | None) -> str:
 def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str, *,
                max_steps: int | None = None) -> LoopSpec:
     """The worker-side description of a pixel-attention run."""
+    from lussray.data.ingest import multicrop_stream
+
     att, loop = config.attention, config.attention.loop
     num_samples = read_manifest(data, "train")["num_samples"]
     steps = steps_per_epoch(num_samples, loop, STAGE, storage.join(data, "train"))
@@ -70,7 +72,9 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str, *,
     queue = pretrain.queue_length_per_worker(att.queue_length, global_batch, loop.num_workers)
     method_kwargs = {"config": method_config, "num_views": sum(att.crops.num_crops), "queue_per_worker": queue,
                      "init_checkpoint": init_checkpoint}
-    return lars_cosine_spec(STAGE, lambda: AttentionMethod(**method_kwargs), loop, config.ingest, run,
+    stream = multicrop_stream(data, "train", STAGE, att.crops, config.pretrain.p2p_grid_size, config.ingest,
+                              config.seed)
+    return lars_cosine_spec(STAGE, lambda: AttentionMethod(**method_kwargs), loop, config.ingest, run, stream=stream,
                             num_steps_per_epoch=steps, max_steps=max_steps, resolved_config=to_dict(config))
 
 
@@ -88,7 +92,7 @@ STAGE1_KEYS = tuple(f"pretrain.{key}" for key in (
 
 def fingerprint(config: LussConfig, data: str, run: str, init_checkpoint: str) -> dict:
     """What determines the stage's checkpoints (:mod:`lussray.completion`): config, data, stage-1 checkpoint."""
-    return {"format": FORMAT_VERSION, **config_fingerprint(config, *STAGE1_KEYS, "attention"),
+    return {"format": FORMAT_VERSION, **config_fingerprint(config, *STAGE1_KEYS, "attention", *STREAM_KEYS),
             "data": data_fingerprint(data, ["train"]), "init": checkpoint_fingerprint(init_checkpoint, run)}
 
 
@@ -107,7 +111,7 @@ def train_attention(config: LussConfig, data: str, run: str, *, init: str | None
     Returns:
         The stage summary: ``{"stage", "checkpoint", "init"}``.
     """
-    from lussray.data.ingest import init_ray, multicrop_views
+    from lussray.data.ingest import init_ray
     from lussray.stages.loop import fit, run_training
 
     init = stage1_checkpoint(run, init)
@@ -115,9 +119,7 @@ def train_attention(config: LussConfig, data: str, run: str, *, init: str | None
 
     def start() -> None:
         init_ray(config.ray)
-        dataset = multicrop_views(data, "train", config.attention.crops, config.pretrain.p2p_grid_size,
-                                  config.ingest)
-        fit(spec, dataset, config.attention.loop, config.ingest, run)
+        fit(spec, config.attention.loop, run)
 
     checkpoint = run_training(spec, fingerprint(config, data, run, init), overwrite=overwrite, start=start)
     return {"stage": STAGE, "checkpoint": checkpoint, "init": init}

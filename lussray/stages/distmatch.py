@@ -43,6 +43,7 @@ from lussray.completion import (
 )
 from lussray.config import LussConfig
 from lussray.errors import UserError
+from lussray.seeds import derived_seed
 from lussray.stages import finetune, predict
 
 STAGE = "distmatch"
@@ -55,8 +56,9 @@ RANDOM_BACKBONE = "random"
 class BackboneFeatures:
     """The backbone's final features upsampled x``upsample`` (stride 8 with the default 4)."""
 
-    def __init__(self, checkpoint: str | None, arch: str, upsample: int = 4, torch_threads: int = 0) -> None:
-        """Load the backbone (``checkpoint`` None: random weights, seeded).
+    def __init__(self, checkpoint: str | None, arch: str, upsample: int = 4, torch_threads: int = 0,
+                 seed: int = 0) -> None:
+        """Load the backbone (``checkpoint`` None: random weights drawn with ``seed``).
 
         Raises:
             UserError: if the checkpoint lacks backbone weights of ``arch``.
@@ -66,7 +68,7 @@ class BackboneFeatures:
         from lussray.models.segmenter import Segmenter
 
         self.device = predict.torch_device(torch_threads)
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = Segmenter(arch, num_outputs=2)  # the head is never used
         if checkpoint:
             finetune.load_backbone(model, checkpoint)
@@ -325,7 +327,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     finetune.check_backbone(checkpoint, config.pretrain.arch)
     init_ray(config.ray)
     feature_kwargs = {"checkpoint": checkpoint, "arch": config.pretrain.arch,
-                      "upsample": config.distmatch.feature_upsample, "torch_threads": config.distmatch.torch_threads}
+                      "upsample": config.distmatch.feature_upsample, "torch_threads": config.distmatch.torch_threads,
+                      "seed": derived_seed(config.seed, "random_backbone")}
     print(f"[{STAGE}] backbone: {checkpoint or 'random initialisation'} ({config.pretrain.arch})", flush=True)
     distance_matching(config, data, args.split, out, BackboneFeatures, feature_kwargs,
                       inputs={"checkpoint": checkpoint_fingerprint(checkpoint, run_root) or RANDOM_BACKBONE},

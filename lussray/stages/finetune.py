@@ -9,7 +9,7 @@ The reference's fine-tuning (shared/reference/pass-imagenet-s.md, section 2.4;
 outputs (:class:`~lussray.models.segmenter.Segmenter`), trained with plain cross-entropy
 (:func:`~lussray.models.segmenter.segmentation_loss`) on (image, pseudo label) pairs streamed from
 ``--data`` (default ``<run>/labelgen/pseudo``, the shards ``lussray labelgen`` writes) with the
-joint RandomResizedCrop + flip of :func:`lussray.data.ingest.segmentation_pairs` and no colour
+joint RandomResizedCrop + flip of :func:`lussray.data.ingest.pair_stream` and no colour
 augmentation; LARS with the per-step cosine schedule, as stage 1.
 
 Checkpoints go to ``<run>/finetune/checkpoint_step=<N>/checkpoint.pt`` (the model-shape arguments
@@ -39,7 +39,7 @@ from lussray.data.shards import MANIFEST, read_manifest
 from lussray.errors import UserError
 from lussray.models.checkpoints import load_pretrained
 from lussray.models.segmenter import Segmenter, segmentation_loss
-from lussray.stages.loop import LoopSpec, StepState, lars_cosine_spec, steps_per_epoch
+from lussray.stages.loop import STREAM_KEYS, LoopSpec, StepState, lars_cosine_spec, steps_per_epoch
 from lussray.stages.pretrain import normalize_views
 
 STAGE = "finetune"
@@ -128,7 +128,7 @@ def check_backbone(checkpoint: str | None, arch: str) -> None:
 
 def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str | None, *,
                num_outputs: int, max_steps: int | None = None, stage: str = STAGE, split: str = "train",
-               loop: TrainLoopConfig | None = None, ignore_index: int | None = None) -> LoopSpec:
+               loop: TrainLoopConfig | None = None, ignore_index: int | None = None, ingest: Any = None) -> LoopSpec:
     """The worker-side description of a segmentation fine-tuning run.
 
     Args:
@@ -142,10 +142,13 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str | N
         split: Split of ``data`` to train on.
         loop: The loop settings (default ``config.finetune.loop``).
         ignore_index: Label id excluded from the loss (1000 for ground truth).
+        ingest: The ingest settings of the pair stream (default ``config.ingest``).
 
     Raises:
         UserError: if the split holds fewer images than one global batch.
     """
+    from lussray.data.ingest import pair_stream
+
     loop = loop or config.finetune.loop
     arch = config.pretrain.arch
     num_samples = read_manifest(data, split)["num_samples"]
@@ -154,7 +157,8 @@ def build_spec(config: LussConfig, data: str, run: str, init_checkpoint: str | N
                      "ignore_index": ignore_index, "stage": stage}
     segmenter = {"arch": arch, "num_outputs": num_outputs, "stage": stage, "init": init_checkpoint, "data": data,
                  "split": split}
-    return lars_cosine_spec(stage, lambda: SegmentationMethod(**method_kwargs), loop, config.ingest, run,
+    stream = pair_stream(data, split, stage, ingest or config.ingest, config.seed)
+    return lars_cosine_spec(stage, lambda: SegmentationMethod(**method_kwargs), loop, config.ingest, run, stream=stream,
                             num_steps_per_epoch=steps, max_steps=max_steps,
                             resolved_config={**to_dict(config), "segmenter": segmenter})
 
@@ -169,7 +173,7 @@ def fingerprint(config: LussConfig, data: str, run: str, init_checkpoint: str | 
     """
     crops = {"ingest": {"finetune_crop_size": ingest.finetune_crop_size,
                         "finetune_min_scale": ingest.finetune_min_scale}}
-    return {"format": FORMAT_VERSION, **config_fingerprint(config, stage, "pretrain.arch"), **crops,
+    return {"format": FORMAT_VERSION, **config_fingerprint(config, stage, "pretrain.arch", *STREAM_KEYS), **crops,
             "num_outputs": num_outputs, "ignore_index": ignore_index, "split": split,
             "data": data_fingerprint(data, [split]), "init": checkpoint_fingerprint(init_checkpoint, run)}
 
@@ -185,18 +189,16 @@ def train_segmenter(config: LussConfig, data: str, run: str, init_checkpoint: st
         overwrite: Retrain when ``<run>/<stage>`` holds checkpoints of other inputs (default: refuse).
         Others: as :func:`build_spec`.
     """
-    from lussray.data.ingest import init_ray, segmentation_pairs
+    from lussray.data.ingest import init_ray
     from lussray.stages.loop import fit, run_training
 
     ingest = ingest or config.ingest
     spec = build_spec(config, data, run, init_checkpoint, num_outputs=num_outputs, max_steps=max_steps,
-                      stage=stage, split=split, loop=loop, ignore_index=ignore_index)
+                      stage=stage, split=split, loop=loop, ignore_index=ignore_index, ingest=ingest)
 
     def start() -> None:
         init_ray(config.ray)
-        # The workers take tensors only: the string ``key`` column would break ``iter_torch_batches``.
-        dataset = segmentation_pairs(data, split, ingest).select_columns(["image", "label"])
-        fit(spec, dataset, loop or config.finetune.loop, ingest, run)
+        fit(spec, loop or config.finetune.loop, run)
 
     record = fingerprint(config, data, run, init_checkpoint, num_outputs=num_outputs, stage=stage, split=split,
                          ingest=ingest, ignore_index=ignore_index)

@@ -51,8 +51,9 @@ from lussray.completion import (
     has_files,
 )
 from lussray.config import LabelgenConfig, LussConfig, flag_type
-from lussray.data.shards import FORMAT_VERSION, MANIFEST, read_manifest, shard_paths
+from lussray.data.shards import FORMAT_VERSION, MANIFEST, SHARD_ENTRY_KEYS, read_manifest, shard_paths
 from lussray.errors import UserError
+from lussray.seeds import derived_seed
 
 STAGE = "labelgen"
 ATTENTION_STAGE = "attention"
@@ -361,7 +362,7 @@ def fingerprint(config: LussConfig, data: str, run: str, checkpoint: str, tau: f
     """
     cfg = config.labelgen
     model = (f"pretrain.{key}" for key in ("arch", "hidden_mlp", "feat_dim", "num_prototypes"))
-    parts = config_fingerprint(config, *model, "labelgen", "ingest.eval_short_side", "dataset.num_classes")
+    parts = config_fingerprint(config, *model, "labelgen", "ingest.eval_short_side", "dataset.num_classes", "seed")
     parts["labelgen"].update(tau=tau, num_clusters=cfg.num_clusters or config.dataset.num_classes)
     if tau is not None:  # a fixed tau: no sweep
         for key in ("tau_split", "tau_min", "tau_max", "tau_step"):
@@ -394,7 +395,8 @@ def cluster(config: LussConfig, files: list[str], outputs: Outputs, num_clusters
 
     cfg = config.labelgen
     result = sharded_kmeans(files, num_clusters, num_actors=cfg.kmeans_actors, niter=cfg.kmeans_iterations,
-                            nredo=cfg.kmeans_redo, seed=cfg.kmeans_seed, spherical=cfg.spherical,
+                            nredo=cfg.kmeans_redo, seed=derived_seed(config.seed, STAGE, "kmeans"),
+                            spherical=cfg.spherical,
                             normalize_rows=True, gpus_per_actor=cfg.gpus_per_actor)
     buffer = io.BytesIO()
     np.save(buffer, result.centroids.astype(np.float32))
@@ -490,7 +492,7 @@ def write_pseudo_labels(config: LussConfig, data: str, outputs: Outputs, label_k
         "num_samples": sum(record["num_samples"] for record in ordered),
         "num_shards": len(ordered),
         "has_segmentation": True,
-        "shards": [{key: record[key] for key in ("name", "num_samples", "bytes", "sha256")} for record in ordered],
+        "shards": [{key: record[key] for key in SHARD_ENTRY_KEYS if key in record} for record in ordered],
         "histogram": np.sum([record["histogram"] for record in ordered], axis=0).tolist(),
         "skipped": [],
     }

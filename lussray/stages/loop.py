@@ -1,11 +1,19 @@
 """The Ray Train loop shared by every training stage (pretrain, attention, finetune, ...).
 
 A stage supplies a :class:`Method` (model builder, loss hooks, extra state such as the SwAV
-queue); this module owns everything else: DDP through ``ray.train.torch.prepare_model``, LARS with
-the per-step cosine schedule, AMP and SyncBatchNorm on CUDA (gloo and fp32 on CPU), checkpoints
-every N steps and at the end (model, optimizer, scaler, method state, step, resolved config),
-automatic resume from the latest checkpoint, ``FailureConfig`` retries, metrics as JSONL and
-readable progress lines, ``--max-steps`` smoke runs.
+queue) and its data as an :class:`lussray.data.ingest.EpochStream`; this module owns everything
+else: DDP through ``ray.train.torch.prepare_model``, the optimizer with a per-step schedule (LARS
+with the cosine schedule for PASS; each parameter group keeps its own learning rate, scaled by the
+schedule), AMP and SyncBatchNorm on CUDA (gloo and fp32 on CPU), checkpoints every N steps and at
+the end (model, optimizer, scaler, method state, step, resolved config), automatic resume from the
+latest checkpoint, ``FailureConfig`` retries, metrics as JSONL and readable progress lines,
+``--max-steps`` smoke runs.
+
+Seeds: every worker builds the model after ``torch.manual_seed`` of a seed derived from the run's
+``seed`` and the stage (so every rank starts from the same weights), reseeds torch before every
+step from (seed, stage, rank, step), and reads its slice of the seeded epoch order
+(:mod:`lussray.data.epoch_plan`). A resumed run skips the batches its checkpoint's step already
+consumed, so it sees exactly the batches, augmentations and random draws of an unbroken run.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ import re
 import resource
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Callable, Optional, Protocol
 
 import torch
@@ -32,19 +40,27 @@ from lussray.errors import UserError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+#: The config keys besides a stage's own section that decide what its workers read (its fingerprint holds them).
+STREAM_KEYS = ("seed", "ingest.shuffle_window_rows")
 METHOD_FILE = "method_rank{rank}.pt"  # per-worker method state (the queue), beside the checkpoint
 METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
 class StepState:
-    """Counters a method's hooks may read; ``step`` counts finished optimiser steps."""
+    """Counters a method's hooks may read; ``step`` counts finished optimiser steps.
+
+    ``epoch_batches(epoch)`` iterates this worker's batches of an epoch again (the same rows, views
+    and order as training sees them): for methods that pass over the data outside the training
+    step, such as PiCIE's clustering at the start of every epoch.
+    """
 
     step: int
     epoch: int
     steps_per_epoch: int
     total_steps: int
     lr: float = 0.0
+    epoch_batches: Optional[Callable[[int], Iterator[dict[str, Any]]]] = None
 
 
 class Method(Protocol):
@@ -62,6 +78,11 @@ class Method(Protocol):
 
     def after_backward(self, model: nn.Module, state: StepState) -> None: ...
 
+    # Optional: ``before_epoch(model, state)``, called before the first step of every epoch and
+    # before the first step a (resumed) worker makes, which may lie inside an epoch
+    # (``state.step % state.steps_per_epoch != 0``): per-epoch state the checkpoint does not hold
+    # is rebuilt there.
+
 
 @dataclass(frozen=True)
 class LoopSpec:
@@ -69,8 +90,12 @@ class LoopSpec:
 
     stage: str
     method_factory: Callable[[], Method]
-    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-    lr_at: Callable[[int, int], float]  # (step, total_steps) -> lr
+    # the model's trainable parameters -> the optimizer; a method with parameter groups of their own
+    # learning rates builds them from the model itself (``param_groups``) and the factory takes those
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer]
+    lr_at: Callable[[int, int], float]  # (step, total_steps) -> lr of the optimizer's default group
+    stream: Any  # lussray.data.ingest.EpochStream: what every worker reads
+    seed: int  # the run's seed
     run_dir: str  # <run>/<stage>
     batch_size_per_worker: int
     steps_per_epoch: int
@@ -81,7 +106,6 @@ class LoopSpec:
     amp: bool = True
     sync_batchnorm: bool = True
     prefetch_batches: int = 2
-    shuffle_buffer_size: int = 0  # rows of the local shuffle buffer (0: batches in stream order)
     torch_threads: int = 0  # 0: Ray's default (OMP_NUM_THREADS = CPUs of the worker)
     resolved_config: dict = field(default_factory=dict)
 
@@ -108,12 +132,12 @@ def steps_per_epoch(num_samples: int, loop: Any, stage: str, where: str) -> int:
 
 
 def lars_cosine_spec(stage: str, method_factory: Callable[[], Method], loop: Any, ingest: Any, run: str, *,
-                     num_steps_per_epoch: int, max_steps: Optional[int], resolved_config: dict) -> LoopSpec:
-    """A :class:`LoopSpec` with the shared recipe of every lussray training stage.
+                     stream: Any, num_steps_per_epoch: int, max_steps: Optional[int], resolved_config: dict) -> LoopSpec:
+    """A :class:`LoopSpec` with the shared recipe of the PASS training stages.
 
     LARS (SGD momentum + LARC trust ratio) with a per-step cosine schedule from ``loop.base_lr`` to
     ``loop.final_lr``, and the loop and ingest settings of the stage's ``TrainLoopConfig`` and
-    ``IngestConfig``; the stage supplies its method, run folder name and step count.
+    ``IngestConfig``; the stage supplies its method, data stream, run folder name and step count.
     """
     from lussray.optim.lars import LARS
     from lussray.optim.schedules import cosine_schedule
@@ -126,6 +150,8 @@ def lars_cosine_spec(stage: str, method_factory: Callable[[], Method], loop: Any
         optimizer_factory=lambda params: LARS(params, **optim_kwargs),
         lr_at=lambda step, total: cosine_schedule(step, total_steps=total, base_value=loop.base_lr,
                                                   final_value=loop.final_lr, warmup_steps=loop.warmup_steps),
+        stream=stream,
+        seed=resolved_config["seed"],
         run_dir=storage.join(run, stage),
         batch_size_per_worker=loop.batch_size_per_worker,
         steps_per_epoch=num_steps_per_epoch,
@@ -136,9 +162,8 @@ def lars_cosine_spec(stage: str, method_factory: Callable[[], Method], loop: Any
         amp=loop.amp,
         sync_batchnorm=loop.sync_batchnorm,
         prefetch_batches=ingest.prefetch_batches,
-        shuffle_buffer_size=ingest.shuffle_buffer_size,
         torch_threads=loop.torch_threads,
-        resolved_config={**resolved_config, "seed": loop.seed},
+        resolved_config=resolved_config,
     )
 
 
@@ -505,26 +530,58 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def scheduled_optimizer(spec: LoopSpec, model: nn.Module, method: Method) -> torch.optim.Optimizer:
+    """The stage's optimizer; each parameter group's ``lr_scale`` is its own lr over the default lr.
+
+    A method may group its parameters (``param_groups(model)``: a list of dicts with their own
+    ``lr``, as torch optimizers take them); otherwise all trainable parameters form one group. The
+    schedule then sets every group's lr to ``lr_at(step) * lr_scale`` (PASS: one group, scale 1).
+    """
+    groups = getattr(method, "param_groups", None)
+    params = groups(_unwrap(model)) if groups else [p for p in model.parameters() if p.requires_grad]
+    optimizer = spec.optimizer_factory(params)
+    default = optimizer.defaults["lr"]
+    for group in optimizer.param_groups:
+        group["lr_scale"] = group["lr"] / default if default else 1.0
+    return optimizer
+
+
+def step_seed(spec: LoopSpec, rank: int, step: int) -> int:
+    """The torch seed of a step's random draws (dropout, sampled negatives) on one rank."""
+    from lussray.seeds import derived_seed
+
+    return derived_seed(spec.seed, spec.stage, "step", str(rank), str(step))
+
+
+def _epoch_batches(spec: LoopSpec, plan: Any, rank: int, device: torch.device) -> Callable[[int], Iterator]:
+    def batches(epoch: int) -> Iterator[dict[str, Any]]:
+        return spec.stream.batches(plan.windows(epoch, rank), spec.batch_size_per_worker, device,
+                                   spec.prefetch_batches)
+    return batches
+
+
 def train_loop_per_worker(spec: LoopSpec) -> None:
     """The body every Ray Train worker runs."""
     import ray.train
     import ray.train.torch
 
+    from lussray.seeds import derived_seed
+
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     on_cuda = device.type == "cuda"
-    torch.manual_seed(int(spec.resolved_config.get("seed", 0)) + rank)
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
 
+    torch.manual_seed(derived_seed(spec.seed, spec.stage, "model"))  # the same weights on every rank
     method = spec.method_factory()
     model = method.build_model()
     if on_cuda and spec.sync_batchnorm and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
     method.state_module().to(device)
-    optimizer = spec.optimizer_factory([p for p in model.parameters() if p.requires_grad])
+    optimizer = scheduled_optimizer(spec, model, method)
     scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and spec.amp)
     step = _restore(model, optimizer, scaler, method)
     metrics = _MetricsLog(spec.run_dir, rank == 0)
@@ -534,56 +591,59 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
         metrics.write({"stage": spec.stage, "event": "resume", "step": step, "total_steps": spec.last_step,
                        "epoch": step // spec.steps_per_epoch, "state_fingerprint": state_fingerprint(restored)})
 
-    shard = ray.train.get_dataset_shard("train")
-    state = StepState(step, step // spec.steps_per_epoch, spec.steps_per_epoch, spec.total_steps)
+    plan = spec.stream.plan(world, spec.steps_per_epoch * spec.batch_size_per_worker)
+    first_epoch, done_in_epoch = divmod(step, spec.steps_per_epoch)
+    windows = plan.stream(rank, first_epoch, math.ceil(spec.last_step / spec.steps_per_epoch),
+                          skip=done_in_epoch * spec.batch_size_per_worker)
+    state = StepState(step, first_epoch, spec.steps_per_epoch, spec.total_steps,
+                      epoch_batches=_epoch_batches(spec, plan, rank, device))
+    before_epoch = getattr(method, "before_epoch", None)
     window_start, window_images = time.perf_counter(), 0
-    while state.step < spec.last_step:
-        steps_this_epoch = 0
-        for batch in shard.iter_torch_batches(batch_size=spec.batch_size_per_worker, drop_last=True,
-                                              prefetch_batches=spec.prefetch_batches, device=device,
-                                              local_shuffle_buffer_size=spec.shuffle_buffer_size or None):
-            state.epoch = state.step // spec.steps_per_epoch
-            state.lr = spec.lr_at(state.step, spec.total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = state.lr
-            method.before_step(model, state)
-            with torch.autocast(device.type, enabled=on_cuda and spec.amp):
-                loss, terms = method.training_step(model, batch, state)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{spec.stage}: loss is {loss.item()} at step {state.step}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            method.after_backward(model, state)
-            scaler.step(optimizer)
-            scaler.update()
-            state.step += 1
-            steps_this_epoch += 1
-            window_images += spec.batch_size_per_worker * world
-            if state.step % spec.log_every_steps == 0 or state.step == spec.last_step:
-                elapsed = time.perf_counter() - window_start
-                metrics.write({"stage": spec.stage, "step": state.step, "total_steps": spec.last_step,
-                               "epoch": state.epoch, "loss": loss.item(), **terms, "lr": state.lr,
-                               "images_per_s": window_images / max(elapsed, 1e-9),
-                               "step_seconds": elapsed / max(window_images / (spec.batch_size_per_worker * world), 1),
-                               "peak_rss_mb": peak_memory_mb(device), "time": time.time()})
-                window_start, window_images = time.perf_counter(), 0
-            if state.step % spec.checkpoint_every_steps == 0 or state.step == spec.last_step:
-                _save_checkpoint(spec, model, optimizer, scaler, method, state)
-            if state.step >= spec.last_step or steps_this_epoch >= spec.steps_per_epoch:
-                break
-        if steps_this_epoch == 0:
-            raise RuntimeError(f"{spec.stage}: the training data yielded no full batch of {spec.batch_size_per_worker}")
+    for batch in spec.stream.batches(windows, spec.batch_size_per_worker, device, spec.prefetch_batches):
+        state.epoch = state.step // spec.steps_per_epoch
+        if before_epoch and (state.step % spec.steps_per_epoch == 0 or state.step == step):
+            before_epoch(model, state)
+        state.lr = spec.lr_at(state.step, spec.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = state.lr * group["lr_scale"]
+        torch.manual_seed(step_seed(spec, rank, state.step))
+        method.before_step(model, state)
+        with torch.autocast(device.type, enabled=on_cuda and spec.amp):
+            loss, terms = method.training_step(model, batch, state)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{spec.stage}: loss is {loss.item()} at step {state.step}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        method.after_backward(model, state)
+        scaler.step(optimizer)
+        scaler.update()
+        state.step += 1
+        window_images += spec.batch_size_per_worker * world
+        if state.step % spec.log_every_steps == 0 or state.step == spec.last_step:
+            elapsed = time.perf_counter() - window_start
+            metrics.write({"stage": spec.stage, "step": state.step, "total_steps": spec.last_step,
+                           "epoch": state.epoch, "loss": loss.item(), **terms, "lr": state.lr,
+                           "images_per_s": window_images / max(elapsed, 1e-9),
+                           "step_seconds": elapsed / max(window_images / (spec.batch_size_per_worker * world), 1),
+                           "peak_rss_mb": peak_memory_mb(device), "time": time.time()})
+            window_start, window_images = time.perf_counter(), 0
+        if state.step % spec.checkpoint_every_steps == 0 or state.step == spec.last_step:
+            _save_checkpoint(spec, model, optimizer, scaler, method, state)
+        if state.step >= spec.last_step:
+            break
+    if state.step < spec.last_step:
+        raise RuntimeError(f"{spec.stage}: the training stream ended at step {state.step} of {spec.last_step}")
 
 
-def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_root: str) -> dict[str, Any]:
+def fit(spec: LoopSpec, loop_config: Any, run_root: str) -> dict[str, Any]:
     """Run ``spec`` on a ``TorchTrainer``; resumes automatically from ``<run_root>/<stage>``.
+
+    Every worker reads its own slice of ``spec.stream`` (no dataset is handed to Ray Train).
 
     Args:
         spec: the worker-side description of the stage.
-        dataset: the Ray Dataset streamed to the workers (split with ``streaming_split``).
         loop_config: the stage's ``TrainLoopConfig`` (workers, resources, retries).
-        ingest_config: the ``IngestConfig`` (how far Ray Data may read ahead).
         run_root: the run folder; Ray Train keeps its checkpoints in ``<run_root>/<stage>``.
 
     Returns:
@@ -602,11 +662,6 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_
         f"{spec.stage} training workers", loop_config.num_workers, loop_config.cpus_per_worker,
         loop_config.gpus_per_worker if loop_config.use_gpu else 0.0, f"{key}.num_workers",
         f"{key}.cpus_per_worker", f"{key}.use_gpu / {key}.gpus_per_worker"), ray_cluster.current_config())
-    # Ray Data's own Train ingest options pass a deprecated field: its warning says nothing to a user
-    warnings.filterwarnings("ignore", message=".*exclude_resources.* is deprecated")
-    ingest_options = ray.train.DataConfig.default_ingest_options()
-    ingest_options.resource_limits = ingest_options.resource_limits.copy(
-        object_store_memory=ingest_config.max_ahead_mb * 2**20)
     storage_filesystem = None
     storage_path = os.path.abspath(run_root)
     if storage.is_uri(run_root):
@@ -627,8 +682,6 @@ def fit(spec: LoopSpec, dataset: Any, loop_config: Any, ingest_config: Any, run_
             # Ray Train's INFO lines (worker group start, every checkpoint) stay in its log files
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ingest_options}),
     )
     started = time.perf_counter()
     result = trainer.fit()

@@ -10,7 +10,7 @@ sits between the dataset preset and ``--config``. PASS's stages and baselines ar
 :mod:`lussray.pipelines.pass_`.
 
 Writes ``<run>/metrics.json`` (last, atomically) and ``<run>/report.html``; the final line printed
-is one JSON object: ``{"method", "mIoU", "Acc", "F", "baselines": {name: mIoU}}`` (Acc: Img-Acc for
+is one JSON object: ``{"method", "seed", "mIoU", "Acc", "F", "baselines": {name: mIoU}}`` (Acc: Img-Acc for
 ImageNet-S, pixel accuracy for the pixel protocol; F only where the protocol has it).
 """
 
@@ -44,12 +44,14 @@ def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def final_line(method: str, rows: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def final_line(method: str, rows: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]],
+               seed: int = 0) -> dict[str, Any]:
     """The JSON object ``lussray run`` prints last: the headline row's metrics and every baseline's mIoU."""
     values = headline(next(iter(rows.values())))
     if values["F"] is None:
         del values["F"]
-    return {"method": method, **values, "baselines": {name: headline(m)["mIoU"] for name, m in found.items()}}
+    return {"method": method, "seed": seed, **values,
+            "baselines": {name: headline(m)["mIoU"] for name, m in found.items()}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     started, timer = time.perf_counter(), StageTimer()
     result = method.run_method(config, data, run_root, options, timer)
     storage.write_json_atomic(storage.join(run_root, METRICS_FILE), {
-        "method": args.method, "protocol": result.protocol, "metrics": result.rows, "baselines": result.baselines,
+        "method": args.method, "seed": config.seed, "protocol": result.protocol, "metrics": result.rows,
+        "baselines": result.baselines,
         "stage_seconds": timer.seconds, "seconds": round(time.perf_counter() - started, 1), "data": data,
         "run": run_root})
     print(f"[{STAGE}] validation, fully unsupervised (percent):\n{metrics_table({**result.rows, **result.baselines})}",
@@ -99,5 +102,5 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
 
     # Ray forwards worker output asynchronously; disconnecting first keeps the JSON the last line.
     ray.shutdown()
-    print(json.dumps(final_line(args.method, result.rows, result.baselines)), flush=True)
+    print(json.dumps(final_line(args.method, result.rows, result.baselines, config.seed)), flush=True)
     return 0

@@ -28,7 +28,7 @@ from lussray.errors import UserError
 from lussray.methods.pass_ import PASSMethod
 from lussray.models.checkpoints import load_pretrained
 from lussray.models.pass_model import PASSModel
-from lussray.stages.loop import LoopSpec, StepState, lars_cosine_spec, steps_per_epoch
+from lussray.stages.loop import STREAM_KEYS, LoopSpec, StepState, lars_cosine_spec, steps_per_epoch
 
 STAGE = "pretrain"
 
@@ -93,17 +93,38 @@ class PretrainMethod:
         self.losses.after_backward(model, state.step)
 
 
+def pretraining_manifest(config: LussConfig, data: str) -> dict[str, Any]:
+    """The manifest of the split pretraining reads (``pretrain.split``).
+
+    Raises:
+        UserError: naming ``pretrain.split`` when that split was not prepared.
+    """
+    split = config.pretrain.split
+    try:
+        return read_manifest(data, split)
+    except UserError as error:
+        if split != "train-full":
+            raise
+        raise UserError(f"{error}. pretrain.split=train-full (the {config.dataset.name} preset, as the reference) "
+                        f"pretrains on the ImageNet-1k train set: pack it with `lussray prepare --imagenet-train "
+                        f"DIR --out {data}`, or set pretrain.split=train to pretrain on the dataset's own train "
+                        f"split instead") from None
+
+
 def build_spec(config: LussConfig, data: str, run: str, *, max_steps: Optional[int] = None,
                init_checkpoint: Optional[str] = None) -> LoopSpec:
     """The worker-side description of a pretraining run."""
+    from lussray.data.ingest import multicrop_stream
+
     cfg, loop = config.pretrain, config.pretrain.loop
-    num_samples = read_manifest(data, "train")["num_samples"]
-    steps = steps_per_epoch(num_samples, loop, STAGE, storage.join(data, "train"))
+    num_samples = pretraining_manifest(config, data)["num_samples"]
+    steps = steps_per_epoch(num_samples, loop, STAGE, storage.join(data, cfg.split))
     global_batch = loop.batch_size_per_worker * loop.num_workers
     queue = queue_length_per_worker(cfg.queue_length, global_batch, loop.num_workers)
     method_kwargs = {"config": cfg, "num_views": sum(cfg.crops.num_crops), "queue_per_worker": queue,
                      "init_checkpoint": init_checkpoint}
-    return lars_cosine_spec(STAGE, lambda: PretrainMethod(**method_kwargs), loop, config.ingest, run,
+    stream = multicrop_stream(data, cfg.split, STAGE, cfg.crops, cfg.p2p_grid_size, config.ingest, config.seed)
+    return lars_cosine_spec(STAGE, lambda: PretrainMethod(**method_kwargs), loop, config.ingest, run, stream=stream,
                             num_steps_per_epoch=steps, max_steps=max_steps, resolved_config=to_dict(config))
 
 
@@ -116,8 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fingerprint(config: LussConfig, data: str, run: str, init_checkpoint: Optional[str]) -> dict:
     """What determines the stage's checkpoints (:mod:`lussray.completion`): config, data, initialisation."""
-    return {"format": FORMAT_VERSION, **config_fingerprint(config, "pretrain"),
-            "data": data_fingerprint(data, ["train"]), "init": checkpoint_fingerprint(init_checkpoint, run)}
+    return {"format": FORMAT_VERSION, **config_fingerprint(config, "pretrain", *STREAM_KEYS),
+            "data": data_fingerprint(data, [config.pretrain.split]),
+            "init": checkpoint_fingerprint(init_checkpoint, run)}
 
 
 def pretrain(config: LussConfig, data: str, run: str, *, init: Optional[str] = None,
@@ -135,7 +157,7 @@ def pretrain(config: LussConfig, data: str, run: str, *, init: Optional[str] = N
     Returns:
         The stage summary: ``{"stage", "checkpoint"}``.
     """
-    from lussray.data.ingest import init_ray, multicrop_views
+    from lussray.data.ingest import init_ray
     from lussray.stages.loop import fit, run_training
 
     if init and not storage.exists(init):
@@ -144,8 +166,7 @@ def pretrain(config: LussConfig, data: str, run: str, *, init: Optional[str] = N
 
     def start() -> None:
         init_ray(config.ray)
-        dataset = multicrop_views(data, "train", config.pretrain.crops, config.pretrain.p2p_grid_size, config.ingest)
-        fit(spec, dataset, config.pretrain.loop, config.ingest, run)
+        fit(spec, config.pretrain.loop, run)
 
     checkpoint = run_training(spec, fingerprint(config, data, run, init), overwrite=overwrite, start=start)
     return {"stage": STAGE, "checkpoint": checkpoint}

@@ -1,7 +1,8 @@
-"""Ray Data ingest end to end on tiny shards: shapes, dtypes, grids, pairs, evaluation images."""
+"""Ray Data ingest end to end on tiny shards: seeded training streams (shapes, determinism, resume), evaluation images."""
 
 import numpy as np
 import pytest
+import torch
 
 from lussray.cli import main
 from lussray.config import IngestConfig, MultiCropConfig
@@ -20,39 +21,57 @@ def shards(tmp_path_factory):
     return str(root / "shards")
 
 
-INGEST = IngestConfig(map_batch_size=4, cpus_per_map_task=0.5, eval_short_side=48, finetune_crop_size=40)
+INGEST = IngestConfig(map_batch_size=4, cpus_per_map_task=0.5, eval_short_side=48, finetune_crop_size=40,
+                      shuffle_window_rows=8)
+CROPS = MultiCropConfig(num_crops=[2, 3], crop_sizes=[64, 32], min_scales=[0.3, 0.1], max_scales=[1.0, 0.3])
 
 
-def test_multicrop_views(ray_cluster, shards):
-    crops = MultiCropConfig(num_crops=[2, 3], crop_sizes=[64, 32], min_scales=[0.3, 0.1], max_scales=[1.0, 0.3])
-    dataset = ingest.multicrop_views(shards, "train", crops, 7, INGEST)
-    rows = 0
-    for batch in dataset.iter_batches(batch_size=5, batch_format="numpy"):
-        b = len(batch["crop_0"])
-        rows += b
+def _epoch(stream, world, rows, epoch, rank, batch_size=4, skip=0):
+    plan = stream.plan(world, rows)
+    windows = plan.stream(rank, epoch, epoch + 1, skip=skip)
+    return list(stream.batches(windows, batch_size))
+
+
+def test_multicrop_stream_shapes(ray_cluster, shards):
+    stream = ingest.multicrop_stream(shards, "train", "pretrain", CROPS, 7, INGEST, seed=0)
+    batches = _epoch(stream, 1, 12, 0, 0, batch_size=5)
+    assert len(batches) == 2  # 12 rows, drop_last
+    for batch in batches:
         for v, size in enumerate([64, 64, 32, 32, 32]):
-            assert batch[f"crop_{v}"].shape == (b, size, size, 3) and batch[f"crop_{v}"].dtype == np.uint8
-        assert batch["boxes"].shape == (b, 5, 5)
+            assert tuple(batch[f"crop_{v}"].shape) == (5, size, size, 3) and batch[f"crop_{v}"].dtype == torch.uint8
+        assert tuple(batch["boxes"].shape) == (5, 5, 5)
         for g in (0, 1):
             grid = batch[f"p2p_grid_{g}"]
-            assert grid.shape == (b, 7, 7, 2) and grid.dtype == np.float32
-            assert np.all((np.abs(grid) <= 1.0 + 1e-6) | (grid == -2))
-    assert rows == 12
+            assert tuple(grid.shape) == (5, 7, 7, 2) and grid.dtype == torch.float32
+            assert bool(((grid.abs() <= 1.0 + 1e-6) | (grid == -2)).all())
+        assert len(batch["__key__"]) == 5 and all(str(key).startswith("n00") for key in batch["__key__"])
 
 
-def test_train_worker_view_through_iter_torch_batches(ray_cluster, shards):
-    crops = MultiCropConfig(num_crops=[2], crop_sizes=[48], min_scales=[0.3], max_scales=[1.0])
-    dataset = ingest.multicrop_views(shards, "train", crops, 5, INGEST)
-    batch = next(iter(dataset.iter_torch_batches(batch_size=4, drop_last=True)))
-    assert tuple(batch["crop_1"].shape) == (4, 48, 48, 3) and tuple(batch["p2p_grid_1"].shape) == (4, 5, 5, 2)
+def test_streams_are_seeded_disjoint_per_rank_and_resume_exactly(ray_cluster, shards):
+    stream = ingest.multicrop_stream(shards, "train", "pretrain", CROPS, 5, INGEST, seed=0)
+    keys = lambda batches: [str(k) for b in batches for k in b["__key__"]]  # noqa: E731
+    first = _epoch(stream, 2, 6, 1, 0, batch_size=2)
+    again = _epoch(stream, 2, 6, 1, 0, batch_size=2)
+    for a, b in zip(first, again):  # the same rows, views and order in a second pass
+        assert keys([a]) == keys([b]) and torch.equal(a["crop_0"], b["crop_0"]) and torch.equal(a["boxes"], b["boxes"])
+    other_rank = _epoch(stream, 2, 6, 1, 1, batch_size=2)
+    assert len(set(keys(first)) | set(keys(other_rank))) == 12
+    # a resume after one batch gives the rest of the epoch, identical
+    resumed = _epoch(stream, 2, 6, 1, 0, batch_size=2, skip=2)
+    assert keys(resumed) == keys(first)[2:] and torch.equal(resumed[0]["crop_2"], first[1]["crop_2"])
+    next_epoch = _epoch(stream, 2, 6, 2, 0, batch_size=2)
+    other_seed = _epoch(ingest.multicrop_stream(shards, "train", "pretrain", CROPS, 5, INGEST, seed=1), 2, 6, 1, 0, 2)
+    for changed in (next_epoch, other_seed):
+        assert keys(changed) != keys(first) or not torch.equal(changed[0]["crop_0"], first[0]["crop_0"])
 
 
-def test_segmentation_pairs(ray_cluster, shards):
-    rows = ingest.segmentation_pairs(shards, "validation", INGEST).take_all()
-    assert len(rows) == 12
-    for row in rows:
-        assert row["image"].shape == (40, 40, 3) and row["label"].shape == (40, 40)
-        assert set(np.unique(row["label"])) <= {0, 1, 2, 1000}
+def test_pair_stream(ray_cluster, shards):
+    stream = ingest.pair_stream(shards, "validation", "finetune", INGEST, seed=0)
+    batches = _epoch(stream, 1, 12, 0, 0, batch_size=4)
+    assert sum(len(b["image"]) for b in batches) == 12
+    for batch in batches:
+        assert tuple(batch["image"].shape) == (4, 40, 40, 3) and tuple(batch["label"].shape) == (4, 40, 40)
+        assert set(batch["label"].unique().tolist()) <= {0, 1, 2, 1000}
 
 
 def test_evaluation_images(ray_cluster, shards):

@@ -24,7 +24,8 @@ def _config(overrides: tuple[str, ...]):
 
 def _fingerprint(*overrides: str) -> dict:
     config = _config(overrides)
-    return {"format": completion.FORMAT_VERSION, **config_fingerprint(config, "pretrain", "ingest.eval_short_side")}
+    return {"format": completion.FORMAT_VERSION,
+            **config_fingerprint(config, "pretrain", "ingest.eval_short_side", "seed")}
 
 
 # -- fingerprints -------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ def test_config_fingerprint_nests_paths_and_leaves_out_resource_keys():
     assert fingerprint["ingest"] == {"eval_short_side": 256}
     assert fingerprint["pretrain"]["arch"] == "resnet18" and "crops" in fingerprint["pretrain"]
     loop = fingerprint["pretrain"]["loop"]
-    assert "base_lr" in loop and "seed" in loop
+    assert "base_lr" in loop and fingerprint["seed"] == 0
     assert not {"cpus_per_worker", "log_every_steps", "checkpoint_every_steps", "max_failures"} & set(loop)
 
 
@@ -44,6 +45,7 @@ def test_config_fingerprint_nests_paths_and_leaves_out_resource_keys():
     ("pretrain.loop.base_lr=0.1", "pretrain.loop.base_lr"),
     ("pretrain.crops.flip_p=0.1", "pretrain.crops.flip_p"),
     ("ingest.eval_short_side=128", "ingest.eval_short_side"),
+    ("seed=3", "seed"),
 ])
 def test_differences_name_the_changed_key_as_a_dotted_path(override, key):
     assert differences(_fingerprint(), _fingerprint(override)) == [key]

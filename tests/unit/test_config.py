@@ -9,10 +9,12 @@ def test_presets_carry_reference_hyperparameters():
     assert s50.pretrain.arch == "resnet18" and s50.pretrain.num_prototypes == 500
     assert s50.pretrain.crops.num_crops == [2, 6] and s50.pretrain.crops.crop_sizes == [224, 96]
     assert s50.pretrain.queue_length == 2048 and s50.pretrain.freeze_prototypes_steps == 1001
-    assert s50.attention.loop.base_lr == 6.0 and s50.labelgen.tau == pytest.approx(0.41)
+    # tau is swept (the published 0.41 suits only the authors' checkpoints); pretraining reads train
+    assert s50.attention.loop.base_lr == 6.0 and s50.labelgen.tau is None and s50.pretrain.split == "train"
     s919 = load_config("imagenet-s919")
     assert s919.pretrain.arch == "resnet50" and s919.pretrain.hidden_mlp == 2048
-    assert s919.dataset.num_classes == 919 and s919.labelgen.tau == pytest.approx(0.37)
+    assert s919.dataset.num_classes == 919 and s919.labelgen.tau is None
+    assert s919.pretrain.split == "train-full"  # the reference pretrains S919 on ImageNet-1k train
     assert s919.pretrain.loop.batch_size_per_worker == 32 and s919.pretrain.loop.num_workers == 8
     assert set(available_datasets()) >= {"synthetic-demo", "imagenet-s50", "imagenet-s300", "imagenet-s919"}
 

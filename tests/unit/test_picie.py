@@ -234,6 +234,7 @@ def test_gloo_workers_equal_one_process(tmp_path):
     for rank in range(2):
         part = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(part["centroids"], single, rtol=0, atol=1e-6)
-        assert part["objectives"] == pytest.approx(objectives, rel=1e-9)
+        # sums of float32 squared distances, split in two: equal up to float32 rounding
+        assert part["objectives"] == pytest.approx(objectives, rel=1e-6)
         torch.testing.assert_close(part["updated"], updated, rtol=0, atol=1e-6)
         assert torch.equal(part["counts"], counts)

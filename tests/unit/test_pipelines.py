@@ -56,7 +56,7 @@ def test_pass_layers_leave_the_preset_as_it_was():
 def test_final_line_has_the_headline_and_every_baseline():
     rows = {"pipeline": {"mIoU": 30.0, "Acc": 40.0, "FMeasure": 50.0}, "pipeline + CRF": {"mIoU": 31.0}}
     found = {"all_other": {"mIoU": 10.0}, "random_backbone": {"mIoU": 20.0, "Acc": 1.0}}
-    assert final_line("pass", rows, found) == {"method": "pass", "mIoU": 30.0, "Acc": 40.0, "F": 50.0,
-                                               "baselines": {"all_other": 10.0, "random_backbone": 20.0}}
+    assert final_line("pass", rows, found, 3) == {"method": "pass", "seed": 3, "mIoU": 30.0, "Acc": 40.0, "F": 50.0,
+                                                  "baselines": {"all_other": 10.0, "random_backbone": 20.0}}
     pixel = final_line("picie", {"pipeline": {"mIoU": 12.0, "Acc": 45.0}}, {})
-    assert pixel == {"method": "picie", "mIoU": 12.0, "Acc": 45.0, "baselines": {}}
+    assert pixel == {"method": "picie", "seed": 0, "mIoU": 12.0, "Acc": 45.0, "baselines": {}}

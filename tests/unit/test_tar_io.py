@@ -39,3 +39,25 @@ def test_nothing_is_left_behind_when_the_samples_fail(tmp_path):
     except OSError:
         pass
     assert not path.exists()
+
+
+def test_chunk_index_reads_each_chunk_alone(tmp_path):
+    from lussray.data.shards import SAMPLES_PER_CHUNK, read_chunk
+
+    samples = [(f"n01/img_{i:03d}", {"jpg": bytes([i % 256]) * (100 + 37 * i), "json": b"{}"})
+               for i in range(2 * SAMPLES_PER_CHUNK + 5)]
+    path = str(tmp_path / "s.tar")
+    record = write_tar(samples, path)
+    assert [rows for _, _, rows in record["chunks"]] == [SAMPLES_PER_CHUNK, SAMPLES_PER_CHUNK, 5]
+    read = [sample for offset, nbytes, _ in record["chunks"] for sample in read_chunk(path, offset, nbytes)]
+    assert read == samples == list(iter_tar(path))
+
+
+def test_a_chunk_range_off_the_member_boundaries_is_refused(tmp_path):
+    from lussray.data.shards import read_chunk
+
+    path = str(tmp_path / "s.tar")
+    record = write_tar([("a/b", {"jpg": b"x" * 2000})], path)
+    offset, nbytes, _ = record["chunks"][0]
+    with pytest.raises(UserError, match="not whole samples"):
+        read_chunk(path, offset + 512, nbytes)
