@@ -397,7 +397,9 @@ class SceneHeadConfig:
     nonlinear: bool = True  # the head's nonlinear branch (projection_type: nonlinear)
     dropout: float = ranged(0.1, 0, 1)  # Dropout2d before each head branch and on the frozen features
     res: int = ranged(224, 16)  # each training crop: Resize(res) + CenterCrop(res)
-    crop_type: str = one_of("five", ("five", "none"))  # five crops per image (the references' cropped datasets)
+    # five crops per image (the references' cropped datasets): an epoch trains on one crop of every
+    # image, the five in turn, so five epochs are one epoch of the references' five-crop data
+    crop_type: str = one_of("five", ("five", "none"))
     crop_ratio: float = ranged(0.5, above=0, high=1)
     head_lr: float = ranged(5e-4, 0)
     head_weight_decay: float = ranged(0.0, 0)
@@ -406,7 +408,7 @@ class SceneHeadConfig:
     cluster_alpha: float = ranged(2.0, above=0)  # prediction scores softmax(alpha * cos), the reference's 2
     flip_tta: bool = False  # predict with the mean code of the image and its mirror image
     max_steps: Optional[int] = ranged(None, 1)  # stop after this many steps (STEGO: 5000); None: loop.epochs
-    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(batch_size_per_worker=16, epochs=1))
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(batch_size_per_worker=16, epochs=5))
 
 
 @dataclass(frozen=True)
@@ -452,17 +454,20 @@ class HPConfig(SceneHeadConfig):
     jitter_p: float = ranged(0.8, 0, 1)
     grayscale_p: float = ranged(0.2, 0, 1)
     blur_p: float = ranged(0.5, 0, 1)
-    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(batch_size_per_worker=64, epochs=3))
+    # An epoch trains on one of the five crops of every image: HP's 3 epochs of its five-crop dataset are 15.
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(batch_size_per_worker=64, epochs=15))
 
 
 @dataclass(frozen=True)
 class FrozenKmeansConfig:
-    """The ``frozen_kmeans`` baseline of STEGO/HP: k-means of the frozen features' pixels, no training."""
+    """The ``frozen_kmeans`` baseline of STEGO/HP: k-means of the frozen features' pixels, no training.
+
+    Its random choices (pixels, initial centroids) derive from the run's ``seed``.
+    """
 
     pixels_per_image: int = ranged(64, 1)  # random stride-8 feature vectors per training item clustered
     iterations: int = ranged(20, 1)
     redo: int = ranged(3, 1)
-    seed: int = ranged(0, 0, 2**32 - 1)
     kmeans_actors: int = ranged(2, 1)
 
 

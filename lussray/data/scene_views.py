@@ -5,16 +5,21 @@ STEGO [0] and HP [1] train on a "five-crop" copy of the dataset written once by 
 image, each ``crop_ratio`` (0.5) of the image's height and width, saved as images of their own.
 lussray computes them on the fly instead (no second copy of the dataset on disk):
 :func:`five_crop_boxes` gives torchvision's ``five_crop`` rectangles (top-left, top-right,
-bottom-left, bottom-right, centre), and every crop becomes one training item
-(``crop_type: five``; ``none`` keeps whole images). An item is then seen as the references load
-the cropped images: shorter side resized to ``res`` and the central ``res`` x ``res`` crop
-(:func:`item_view`, image bilinear, label nearest through the same rectangle).
+bottom-left, bottom-right, centre), and every crop is one item (``crop_type: five``; ``none``
+keeps whole images). An item is then seen as the references load the cropped images: shorter
+side resized to ``res`` and the central ``res`` x ``res`` crop (:func:`item_view`, image bilinear,
+label nearest through the same rectangle).
 
-The batch functions below turn raw shard rows (``__key__`` plus the member bytes ``jpg`` and
-``seg.png``) into numpy training batches. They are pure (numpy in, numpy out) and take
-``seed`` and ``epoch``: every random choice of an item comes from
-:func:`lussray.data.picie_views.view_rng` of (seed, epoch, ``<key>#<crop>``), so the same epoch
-gives the same batch in any process, and a resumed run sees what an uninterrupted one would.
+The training stream (:class:`lussray.data.ingest.EpochStream`) gives one row per image, so an
+epoch trains on one crop of every image, the five in turn (:func:`epoch_crop`): five lussray epochs
+are one epoch of the five-crop dataset, with the same number of steps and every batch made of
+crops of different images. The KNN stage sees all five crops of every image.
+
+The batch functions below turn stream rows (``__key__``, ``__epoch__`` and the member bytes ``jpg``
+and ``seg.png``) into numpy training batches. They are pure (numpy in, numpy out); every random
+choice of a row comes from its generator in ``rngs`` (seed, stage, epoch, key:
+:func:`lussray.seeds.sample_rng`), so the same epoch gives the same batch in any process, and a
+resumed run sees what an uninterrupted one would.
 
 - :func:`hp_batch`: ``image`` and ``label`` of every item, and ``image_aug``, its photometric
   view (the reference's ``img_aug``: colour jitter, grayscale and blur, no geometry, so the two
@@ -40,7 +45,7 @@ import numpy as np
 
 from lussray.data.augment import decode_image, evaluation_view
 from lussray.data.imagenet_s import label_from_png_bytes
-from lussray.data.picie_views import apply_photometric, sample_photometric, view_rng
+from lussray.data.picie_views import apply_photometric, sample_photometric
 
 CROP_TYPES = ("five", "none")
 IMAGE_MEMBER = "jpg"
@@ -108,15 +113,27 @@ def image_items(jpeg: bytes, crop_type: str, ratio: float, res: int) -> list[np.
     return [item_view(image, None, box, res)[0] for box in crop_boxes(*image.shape[:2], crop_type, ratio)]
 
 
+def epoch_crop(key: str, epoch: int, crop_type: str) -> int:
+    """The crop of image ``key`` an epoch trains on: the five in turn, starting at a crop fixed by the key.
+
+    Every five consecutive epochs show each crop of every image once, in an order that differs
+    between images, so five lussray epochs are one epoch of the references' five-crop dataset.
+    """
+    from lussray.seeds import key_entropy
+
+    crops = num_crops(crop_type)
+    return (key_entropy(key) + int(epoch)) % crops
+
+
 def _items(batch: dict[str, np.ndarray], crop_type: str, ratio: float, res: int):
-    """(key, crop, image view, label view or None) of every item of a raw batch, in order."""
+    """(key, crop, image view, label view or None) of every row of a stream batch: its crop of this epoch."""
     has_labels = LABEL_MEMBER in batch
     for i, key in enumerate(batch["__key__"]):
         image = decode_image(batch[IMAGE_MEMBER][i])
         label = label_from_png_bytes(batch[LABEL_MEMBER][i]) if has_labels else None
-        for crop, box in enumerate(crop_boxes(*image.shape[:2], crop_type, ratio)):
-            view, label_view = item_view(image, label, box, res)
-            yield str(key), crop, view, label_view
+        crop = epoch_crop(str(key), int(batch["__epoch__"][i]), crop_type)
+        view, label_view = item_view(image, label, crop_boxes(*image.shape[:2], crop_type, ratio)[crop], res)
+        yield str(key), crop, view, label_view
 
 
 def _labels(labels: list[np.ndarray | None], res: int, ignore_id: int) -> np.ndarray:
@@ -124,45 +141,40 @@ def _labels(labels: list[np.ndarray | None], res: int, ignore_id: int) -> np.nda
     return np.stack([np.full((res, res), ignore_id, np.int32) if label is None else label for label in labels])
 
 
-def hp_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int, res: int, crop_type: str = "five",
-             crop_ratio: float = 0.5, jitter: Sequence[float] = (0.3, 0.3, 0.3, 0.1), jitter_p: float = 0.8,
-             grayscale_p: float = 0.2, blur_p: float = 0.5, ignore_id: int = 1000) -> dict[str, np.ndarray]:
-    """HP's training items: ``image`` and its photometric view ``image_aug``, (n, res, res, 3) uint8, ``label`` int32.
+def hp_batch(batch: dict[str, np.ndarray], *, rngs: Sequence[np.random.Generator], res: int,
+             crop_type: str = "five", crop_ratio: float = 0.5, jitter: Sequence[float] = (0.3, 0.3, 0.3, 0.1),
+             jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.5,
+             ignore_id: int = 1000) -> dict[str, np.ndarray]:
+    """HP's training items: ``image`` and its photometric view ``image_aug``, (B, res, res, 3) uint8, ``label`` int32.
 
     Args:
-        batch: raw rows: ``__key__``, ``jpg`` and (optionally) ``seg.png``.
-        seed: the run's seed.
-        epoch: the epoch (new photometric draws every epoch).
+        batch: stream rows: ``__key__``, ``__epoch__``, ``jpg`` and (optionally) ``seg.png``.
+        rngs: one generator per row (:func:`lussray.seeds.sample_rng` of seed, stage, epoch, key).
         res: item side.
-        crop_type: ``five`` or ``none``.
+        crop_type: ``five`` (each row's crop of this epoch, :func:`epoch_crop`) or ``none``.
         crop_ratio: five-crop size over the image size.
         jitter: (brightness, contrast, saturation, hue) strengths of the colour jitter.
         jitter_p: probability of each jitter operation.
         grayscale_p: probability of grayscale.
         blur_p: probability of a Gaussian blur (sigma U(0.1, 2)).
         ignore_id: label of items without ground truth.
-
-    Returns:
-        n = rows x items per image rows.
     """
     images, augmented, labels = [], [], []
-    for key, crop, view, label in _items(batch, crop_type, crop_ratio, res):
-        params = sample_photometric(view_rng(seed, epoch, item_key(key, crop)), jitter, jitter_p, grayscale_p, blur_p)
+    for (key, crop, view, label), rng in zip(_items(batch, crop_type, crop_ratio, res), rngs):
         images.append(view)
-        augmented.append(apply_photometric(view, params))
+        augmented.append(apply_photometric(view, sample_photometric(rng, jitter, jitter_p, grayscale_p, blur_p)))
         labels.append(label)
     return {"image": np.stack(images), "image_aug": np.stack(augmented), "label": _labels(labels, res, ignore_id)}
 
 
-def stego_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int, res: int, partners: dict[str, Any],
-                crop_type: str = "five", crop_ratio: float = 0.5, num_neighbors: int = 7,
+def stego_batch(batch: dict[str, np.ndarray], *, rngs: Sequence[np.random.Generator], res: int,
+                partners: dict[str, Any], crop_type: str = "five", crop_ratio: float = 0.5, num_neighbors: int = 7,
                 ignore_id: int = 1000) -> dict[str, np.ndarray]:
     """STEGO's training items: ``image``, ``label`` and ``image_pos``, the view of a KNN partner item.
 
     Args:
-        batch: raw rows: ``__key__``, ``jpg`` and (optionally) ``seg.png``.
-        seed: the run's seed.
-        epoch: the epoch (new partner draws every epoch).
+        batch: stream rows: ``__key__``, ``__epoch__``, ``jpg`` and (optionally) ``seg.png``.
+        rngs: one generator per row (the partner draw).
         res: item side.
         partners: the arguments of :class:`lussray.data.partners.PartnerReader` (``knn``, ``data``, ``split``).
         crop_type: ``five`` or ``none`` (as the KNN stage's).
@@ -170,16 +182,12 @@ def stego_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int, res: int
         num_neighbors: the partner is drawn uniformly among this many first neighbours, the item
             itself excluded (the reference's ``num_neighbors`` 7 of its top-30).
         ignore_id: label of items without ground truth.
-
-    Returns:
-        n = rows x items per image rows.
     """
     from lussray.data.partners import partner_reader
 
     reader = partner_reader(**partners)
     images, positives, labels = [], [], []
-    for key, crop, view, label in _items(batch, crop_type, crop_ratio, res):
-        rng = view_rng(seed, epoch, item_key(key, crop))
+    for (key, crop, view, label), rng in zip(_items(batch, crop_type, crop_ratio, res), rngs):
         partner_key, partner_crop, jpeg = reader.draw(key, crop, num_neighbors, rng)
         partner_image = decode_image(jpeg)
         box = crop_boxes(*partner_image.shape[:2], crop_type, crop_ratio)[partner_crop]
@@ -192,6 +200,7 @@ def stego_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int, res: int
 __all__ = [
     "CROP_TYPES",
     "crop_boxes",
+    "epoch_crop",
     "five_crop_boxes",
     "hp_batch",
     "image_items",

@@ -29,7 +29,7 @@ from torch import nn
 
 from lussray.stages.featurizer import FeaturizerSpec
 from lussray.stages.loop import StepState
-from lussray.stages.scene_training import WorkerFeaturizer, step_generator, tag_param_groups, world_rank
+from lussray.stages.scene_training import WorkerFeaturizer, step_generator, world_rank
 
 STAGE = "hp"
 
@@ -41,16 +41,20 @@ class HPAdapter:
     Attributes:
         featurizer: the frozen featurizer.
         heads: ``HPHeads`` constructor arguments (:func:`lussray.stages.scene_training.heads_shape`).
+        rates: :func:`lussray.methods.stego.param_groups` keyword arguments (learning rates, weight decay).
         method: ``HPMethod`` keyword arguments besides ``feat_dim`` and ``dim``.
         total_steps: the last step of the run (the end of lambda's ramp).
         seed: the run's seed (step generators).
+        stage: the stage's name (salts the step generators).
     """
 
     featurizer: FeaturizerSpec
     heads: dict[str, Any]
+    rates: dict[str, float] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
     total_steps: int = 1
     seed: int = 0
+    stage: str = STAGE
 
     def __post_init__(self) -> None:
         from lussray.methods.hp import HPMethod
@@ -60,12 +64,15 @@ class HPAdapter:
         self.features = WorkerFeaturizer(self.featurizer)
 
     def build_model(self) -> nn.Module:
-        from lussray.methods.stego import param_groups
         from lussray.models.stego_head import HPHeads
 
-        model = HPHeads(**self.heads)
-        tag_param_groups(param_groups(model))
-        return model
+        return HPHeads(**self.heads)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Head (AdamW with weight decay), linear probe, cluster probe, projector: each its own rate (the loop's hook)."""
+        from lussray.methods.stego import param_groups
+
+        return param_groups(model, **self.rates)
 
     def state_module(self) -> nn.Module:
         return self.losses
@@ -74,7 +81,7 @@ class HPAdapter:
         frozen = self.features(batch["image"], attention=True)
         features_aug = self.features(batch["image_aug"]).features.float()
         labels = batch["label"].long() if "label" in batch else None
-        generator = step_generator(self.seed, world_rank(), state.step, frozen.features.device)
+        generator = step_generator(self.seed, self.stage, world_rank(), state.step, frozen.features.device)
         return self.losses.training_step(model, frozen.features.float(), features_aug, frozen.patch_affinity, labels,
                                          state.step, self.total_steps, generator=generator)
 

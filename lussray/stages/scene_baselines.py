@@ -60,14 +60,15 @@ class PixelFeatureShards:
         import torch
         import torch.nn.functional as F
 
-        from lussray.data.picie_views import view_rng
+        from lussray.seeds import sample_rng, stage_salt
         from lussray.stages.featurizer import to_input
 
         with torch.inference_mode():
             features = self.featurizer(to_input(np.stack(views), self.device), attention=False).features
             flat = F.normalize(features.float().flatten(2), dim=1).cpu().numpy()  # (n, C, h*w)
         count = min(self.pixels, flat.shape[2])
-        return [flat[i][:, view_rng(self.seed, 0, name).choice(flat.shape[2], count, replace=False)].T
+        salt = stage_salt("frozen_kmeans")
+        return [flat[i][:, sample_rng(self.seed, salt, 0, name).choice(flat.shape[2], count, replace=False)].T
                 for i, name in enumerate(names)]
 
     def process(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -129,12 +130,13 @@ def frozen_kmeans(config: LussConfig, data: str, run: str, spec: FeaturizerSpec,
                   section_key: str, overwrite: bool = False) -> dict[str, Any]:
     """The ``frozen_kmeans`` baseline: features, sharded k-means, validation predictions; returns their summary."""
     from lussray.clustering.kmeans import sharded_kmeans
+    from lussray.seeds import derived_seed
     from lussray.stages.labelgen import map_shards
 
     cfg = config.frozen_kmeans
     root = storage.join(run, STAGE, FROZEN_KMEANS)
     num_clusters = config.dataset.num_classes + section.extra_clusters
-    record = StageRecord(root, {"format": FORMAT_VERSION, **config_fingerprint(config, "frozen_kmeans"),
+    record = StageRecord(root, {"format": FORMAT_VERSION, **config_fingerprint(config, "frozen_kmeans", "seed"),
                                 "items": {k: getattr(section, k) for k in ("res", "crop_type", "crop_ratio")},
                                 "num_clusters": num_clusters, "featurizer": spec.fingerprint(run),
                                 "data": data_fingerprint(data, ["train"])}, STAGE)
@@ -147,13 +149,13 @@ def frozen_kmeans(config: LussConfig, data: str, run: str, spec: FeaturizerSpec,
             files = [storage.join(root, "features", os.path.basename(s).replace(".tar", ".parquet")) for s in shards]
             jobs = [{"shard": s, "out": f} for s, f in zip(shards, files) if not storage.exists(f)]
             kwargs = {"spec": spec, "crop_type": section.crop_type, "crop_ratio": section.crop_ratio,
-                      "res": section.res, "pixels_per_image": cfg.pixels_per_image, "seed": cfg.seed,
+                      "res": section.res, "pixels_per_image": cfg.pixels_per_image, "seed": config.seed,
                       "batch_size": config.knn.batch_size, "torch_threads": config.knn.torch_threads}
             for _ in map_shards(jobs, PixelFeatureShards, kwargs, config, "frozen-kmeans features", pool=config.knn,
                                 stage="knn"):
                 pass
             result = sharded_kmeans(files, num_clusters, num_actors=cfg.kmeans_actors, niter=cfg.iterations,
-                                    nredo=cfg.redo, seed=cfg.seed, spherical=True, normalize_rows=True,
+                                    nredo=cfg.redo, seed=derived_seed(config.seed, "frozen_kmeans", "kmeans"), spherical=True, normalize_rows=True,
                                     log_every=0)
             storage.write_json_atomic(storage.join(root, "kmeans.json"), {
                 "num_clusters": num_clusters, "num_points": result.num_points, "objective": result.objective,

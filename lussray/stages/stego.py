@@ -11,7 +11,9 @@ item (``image``: one of the five crops of an image, as STEGO's cropped datasets)
 first ``stego.num_neighbors`` neighbours of ``lussray knn`` (:func:`lussray.data.scene_views.stego_batch`).
 Each step: the featurizer's features of both, the head's codes, the correspondence loss with
 self, KNN and random-image pairs (eq. (4) of STEGO) plus the probe losses on detached codes.
-Random sample points and partners come from a generator seeded by (seed, rank, step).
+Random sample points and partners come from a generator seeded by (seed, stage, rank, step). The
+optimiser groups (head, linear probe, cluster probe) keep their own learning rates
+(:meth:`StegoAdapter.param_groups`, the loop's hook).
 
 :class:`ProbeOnlyAdapter` trains only the probes on an untrained head: the ``random_head`` baseline
 of STEGO and HP.
@@ -27,7 +29,7 @@ from torch import nn
 
 from lussray.stages.featurizer import FeaturizerSpec
 from lussray.stages.loop import StepState
-from lussray.stages.scene_training import WorkerFeaturizer, step_generator, tag_param_groups, world_rank
+from lussray.stages.scene_training import WorkerFeaturizer, step_generator, world_rank
 
 STAGE = "stego"
 
@@ -43,16 +45,20 @@ class StegoAdapter:
     Attributes:
         featurizer: the frozen featurizer.
         heads: ``STEGOHeads`` constructor arguments (:func:`lussray.stages.scene_training.heads_shape`).
+        rates: :func:`lussray.methods.stego.param_groups` keyword arguments (learning rates, weight decay).
         correspondence: ``CorrespondenceConfig`` fields.
         correspondence_weight: weight of the correspondence loss.
         seed: the run's seed (step generators).
+        stage: the stage's name (salts the step generators).
     """
 
     featurizer: FeaturizerSpec
     heads: dict[str, Any]
+    rates: dict[str, float] = field(default_factory=dict)
     correspondence: dict[str, Any] = field(default_factory=dict)
     correspondence_weight: float = 1.0
     seed: int = 0
+    stage: str = STAGE
 
     def __post_init__(self) -> None:
         from lussray.methods.stego import CorrespondenceConfig, STEGOMethod
@@ -63,12 +69,15 @@ class StegoAdapter:
         self.features = WorkerFeaturizer(self.featurizer)
 
     def build_model(self) -> nn.Module:
-        from lussray.methods.stego import param_groups
         from lussray.models.stego_head import STEGOHeads
 
-        model = STEGOHeads(**self.heads)
-        tag_param_groups(param_groups(model))
-        return model
+        return STEGOHeads(**self.heads)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Head, linear probe and cluster probe, each with its own learning rate (the loop's hook)."""
+        from lussray.methods.stego import param_groups
+
+        return param_groups(model, **self.rates)
 
     def state_module(self) -> nn.Module:
         return self.losses
@@ -78,7 +87,7 @@ class StegoAdapter:
         images = torch.cat([batch["image"], batch["image_pos"]])
         features = self.features(images).features.float()
         own, partner = features.chunk(2)
-        generator = step_generator(self.seed, world_rank(), state.step)  # points and partners are drawn on the CPU
+        generator = step_generator(self.seed, self.stage, world_rank(), state.step)  # drawn on the CPU
         return self.losses.training_step(model, own, partner, _labels(batch), generator=generator)
 
     def before_step(self, model: nn.Module, state: StepState) -> None:
@@ -92,29 +101,35 @@ class StegoAdapter:
 class ProbeOnlyAdapter:
     """The ``random_head`` baseline: the probes trained on the codes of a frozen, untrained head.
 
+    The loop seeds torch from the run's seed before it builds the model, so every worker (and a
+    resumed run) holds the same random head.
+
     Attributes:
         featurizer: the frozen featurizer.
         heads: ``STEGOHeads`` constructor arguments.
-        seed: seeds the head's random initialisation (the same on every worker).
+        rates: :func:`lussray.methods.stego.param_groups` keyword arguments (the head's are unused).
     """
 
     featurizer: FeaturizerSpec
     heads: dict[str, Any]
-    seed: int = 0
+    rates: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.features = WorkerFeaturizer(self.featurizer)
         self._state = nn.Module()
 
     def build_model(self) -> nn.Module:
-        from lussray.methods.stego import param_groups
         from lussray.models.stego_head import STEGOHeads
 
-        torch.manual_seed(self.seed)  # one random head for every worker and every resume
         model = STEGOHeads(**self.heads)
         model.head.requires_grad_(False)
-        tag_param_groups(param_groups(model))
         return model
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The two probes with their own learning rates (the frozen head has no group)."""
+        from lussray.methods.stego import param_groups
+
+        return [group for group in param_groups(model, **self.rates) if group["params"]]
 
     def state_module(self) -> nn.Module:
         return self._state

@@ -29,8 +29,8 @@ def _tiny(method: str) -> list[str]:
         "dataset.eval_crop_size=48", "ingest.eval_short_side=48", "ingest.map_batch_size=2",
         "ingest.cpus_per_map_task=0.5", "predict.batch_size=4", "predict.torch_threads=1",
         "knn.res=32", "knn.k=8", "knn.batch_size=16", "knn.torch_threads=1",
-        f"{method}.res=32", f"{method}.dim=16", f"{method}.max_steps=8", f"{method}.loop.batch_size_per_worker=8",
-        f"{method}.loop.epochs=2", f"{method}.loop.checkpoint_every_steps=2", f"{method}.loop.log_every_steps=1",
+        f"{method}.res=32", f"{method}.dim=16", f"{method}.max_steps=8", f"{method}.loop.batch_size_per_worker=4",
+        f"{method}.loop.epochs=4", f"{method}.loop.checkpoint_every_steps=2", f"{method}.loop.log_every_steps=1",
         f"{method}.loop.torch_threads=1", f"{method}.head_lr=0.005",
         "frozen_kmeans.pixels_per_image=8", "frozen_kmeans.redo=1",
     ]

@@ -12,7 +12,8 @@ from torchvision.transforms import functional as TF
 
 from lussray.data.imagenet_s import label_to_png_bytes
 from lussray.data.partners import KnnFiles, jpg_member_offsets, partner_reader, read_range, write_parquet
-from lussray.data.scene_views import five_crop_boxes, hp_batch, item_view, stego_batch
+from lussray.data.scene_views import crop_boxes, epoch_crop, five_crop_boxes, hp_batch, item_view, stego_batch
+from lussray.seeds import sample_rng
 from lussray.data.shards import write_tar
 
 
@@ -44,8 +45,9 @@ def test_item_view_keeps_image_and_label_aligned():
     np.testing.assert_allclose(view[..., 0] / 4.0, label_view, atol=2)
 
 
-def _raw_batch(count: int, with_labels: bool = True) -> dict[str, np.ndarray]:
+def _raw_batch(count: int, with_labels: bool = True, epoch: int = 0) -> dict[str, np.ndarray]:
     rows = {"__key__": np.array([f"train/{i:04d}" for i in range(count)], dtype=object),
+            "__epoch__": np.full(count, epoch, np.int64),
             "jpg": np.array([_jpeg(_image(i)) for i in range(count)], dtype=object)}
     if with_labels:
         rows["seg.png"] = np.array([label_to_png_bytes(np.full((40, 56), i, np.int32)) for i in range(count)],
@@ -53,22 +55,46 @@ def _raw_batch(count: int, with_labels: bool = True) -> dict[str, np.ndarray]:
     return rows
 
 
-def test_hp_batch_is_seeded_by_seed_epoch_and_item():
+def _rngs(batch, seed: int = 1) -> list[np.random.Generator]:
+    """The stream's generators: one per row from (seed, stage salt, epoch, key)."""
+    return [sample_rng(seed, 7, int(epoch), str(key)) for key, epoch in zip(batch["__key__"], batch["__epoch__"])]
+
+
+def test_epochs_cycle_through_the_five_crops_of_every_image():
+    for key in ("train/0000", "train/0001", "a/b"):
+        assert sorted(epoch_crop(key, epoch, "five") for epoch in range(3, 8)) == [0, 1, 2, 3, 4]
+    assert {epoch_crop(f"train/{i:04d}", 0, "five") for i in range(40)} == {0, 1, 2, 3, 4}  # starts differ
+    assert epoch_crop("train/0000", 3, "none") == 0
+
+
+def test_hp_batch_is_seeded_by_the_rows_generators_and_shows_the_epochs_crop():
     batch = _raw_batch(3)
-    first = hp_batch(batch, seed=1, epoch=0, res=16)
-    assert first["image"].shape == first["image_aug"].shape == (15, 16, 16, 3)
-    assert first["label"].shape == (15, 16, 16) and first["label"].dtype == np.int32
-    assert (first["label"][5:10] == 1).all()  # items 5..9 are the five crops of image 1
-    again = hp_batch(batch, seed=1, epoch=0, res=16)
+    first = hp_batch(batch, rngs=_rngs(batch), res=16)
+    assert first["image"].shape == first["image_aug"].shape == (3, 16, 16, 3)
+    assert first["label"].shape == (3, 16, 16) and first["label"].dtype == np.int32
+    assert (first["label"][1] == 1).all()
+    crop = epoch_crop("train/0001", 0, "five")
+    np.testing.assert_array_equal(first["image"][1], item_view(_decoded(1), None, crop_boxes(40, 56, "five", 0.5)[crop],
+                                                               16)[0])
+    again = hp_batch(batch, rngs=_rngs(batch), res=16)
     for name in first:
         np.testing.assert_array_equal(first[name], again[name])
-    other = hp_batch(batch, seed=1, epoch=1, res=16)
+    other = hp_batch(batch, rngs=_rngs(batch, seed=2), res=16)
     np.testing.assert_array_equal(other["image"], first["image"])  # no geometric augmentation
     assert not np.array_equal(other["image_aug"], first["image_aug"])
-    alone = hp_batch({name: column[1:2] for name, column in batch.items()}, seed=1, epoch=0, res=16)
-    np.testing.assert_array_equal(alone["image_aug"], first["image_aug"][5:10])  # independent of the batch
-    unlabelled = hp_batch(_raw_batch(1, with_labels=False), seed=1, epoch=0, res=16, crop_type="none")
-    assert unlabelled["image"].shape == (1, 16, 16, 3) and (unlabelled["label"] == 1000).all()
+    later = _raw_batch(3, epoch=1)
+    assert not np.array_equal(hp_batch(later, rngs=_rngs(later), res=16)["image"], first["image"])  # next crop
+    alone = {name: column[1:2] for name, column in batch.items()}
+    np.testing.assert_array_equal(hp_batch(alone, rngs=_rngs(alone), res=16)["image_aug"][0], first["image_aug"][1])
+    unlabelled = _raw_batch(1, with_labels=False)
+    out = hp_batch(unlabelled, rngs=_rngs(unlabelled), res=16, crop_type="none")
+    assert out["image"].shape == (1, 16, 16, 3) and (out["label"] == 1000).all()
+
+
+def _decoded(i: int) -> np.ndarray:
+    from lussray.data.augment import decode_image
+
+    return decode_image(_jpeg(_image(i)))
 
 
 def test_member_offsets_read_back_the_jpeg_bytes(tmp_path):
@@ -111,14 +137,14 @@ def test_stego_partner_is_a_listed_neighbour_other_than_itself_and_seeded(tmp_pa
         assert seen == set(allowed)
         key, crop, jpeg = reader.draw(f"train/{item:04d}", 0, 2, np.random.default_rng(0))
         assert jpegs[jpeg] == key and crop == 0
-    batch = {"__key__": np.array([key for key, _ in samples], dtype=object),
+    batch = {"__key__": np.array([key for key, _ in samples], dtype=object), "__epoch__": np.zeros(4, np.int64),
              "jpg": np.array([members["jpg"] for _, members in samples], dtype=object)}
-    kwargs = {"seed": 5, "res": 16, "partners": {"knn": knn, "data": data}, "crop_type": "none", "num_neighbors": 1}
-    out = stego_batch(batch, epoch=0, **kwargs)
+    kwargs = {"res": 16, "partners": {"knn": knn, "data": data}, "crop_type": "none", "num_neighbors": 1}
+    out = stego_batch(batch, rngs=_rngs(batch), **kwargs)
     assert out["image"].shape == out["image_pos"].shape == (4, 16, 16, 3)
     # num_neighbors=1: the partner is the first neighbour other than the item
     for item, partner in enumerate([3, 0, 3, 0]):
         np.testing.assert_array_equal(out["image_pos"][item], out["image"][partner])
-    np.testing.assert_array_equal(stego_batch(batch, epoch=0, **kwargs)["image_pos"], out["image_pos"])
+    np.testing.assert_array_equal(stego_batch(batch, rngs=_rngs(batch), **kwargs)["image_pos"], out["image_pos"])
     with pytest.raises(Exception, match="not in the KNN items"):
         reader.draw("train/9999", 0, 2, np.random.default_rng(0))
