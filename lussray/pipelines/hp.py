@@ -21,7 +21,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("hp", reads="<data>/train shards, the featurizer", writes="hp/checkpoint_step=*/ (heads, EMA head, "
           "per-worker pools)", completion="the final step's checkpoint in Ray Train's record, loadable, same inputs.json"),
     Stage("predict", reads="<data>/validation shards, the hp checkpoint",
-          writes="predict/validation-{cluster,cluster-crf,linear}/ (PNGs, summary.json)",
+          writes="predict/hp/validation-{cluster,cluster-crf,linear}/ (PNGs, summary.json)",
           completion="summary.json written last, same inputs.json"),
 )
 

@@ -54,7 +54,7 @@ def chosen_on_labels(config: LussConfig, data: str, run: str, stage: str, sectio
         path = storage.join(stage_dir, folder, CHECKPOINT_FILE)
         if not intact_checkpoint(path, recorded):
             continue
-        out = storage.join(run, probe_predict.STAGE, f"validation-cluster-{folder}")
+        out = storage.join(run, probe_predict.STAGE, stage, f"validation-cluster-{folder}")
         metrics = probe_predict.predict_probe(config, data, run, path, section=section, out=out,
                                               overwrite=overwrite).get("metrics")
         if metrics and (best is None or metrics["mIoU"] > best["mIoU"]):
@@ -91,7 +91,7 @@ def baselines(config: LussConfig, data: str, run: str, spec: featurizers.Featuri
     summary = timer.run("baseline frozen_kmeans", scene_baselines.frozen_kmeans, config, data, run, spec, section,
                         section_key=section_key, overwrite=options.overwrite)
     out["frozen_kmeans"] = summary["metrics"]
-    root = storage.join(run, BASELINES)
+    root = storage.join(run, BASELINES, section_key)  # frozen_kmeans (no head) is shared by the methods
     checkpoint = timer.run("baseline random_head (train probes)", scene_training.train, config, data, root,
                            kind="random_head", stage="random-head", section_key=section_key, spec=spec,
                            in_dim=in_dim, overwrite=options.overwrite)

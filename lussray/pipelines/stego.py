@@ -23,7 +23,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("stego", reads="<data>/train shards, knn/, the featurizer", writes="stego/checkpoint_step=*/",
           completion="the final step's checkpoint in Ray Train's record, loadable, same inputs.json"),
     Stage("predict", reads="<data>/validation shards, the stego checkpoint",
-          writes="predict/validation-{cluster,cluster-crf,linear}/ (PNGs, summary.json)",
+          writes="predict/stego/validation-{cluster,cluster-crf,linear}/ (PNGs, summary.json)",
           completion="summary.json written last, same inputs.json"),
 )
 

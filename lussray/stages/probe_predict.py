@@ -1,6 +1,6 @@
 """Predictions of STEGO/HP heads (and their baselines) over a split, scored with the pixel protocol.
 
-    (called by ``lussray run --method stego|hp``; writes <run>/predict/<split>-<probe>[-crf]/)
+    (called by ``lussray run --method stego|hp``; writes <run>/predict/<method>/<split>-<probe>[-crf]/)
 
 Through the predict pool (:func:`lussray.stages.predict.predict_split`, one predictor per actor):
 each evaluation image (shorter side ``ingest.eval_short_side``, central ``dataset.eval_crop_size``
@@ -234,7 +234,7 @@ def predict_probe(config: LussConfig, data: str, run: str, checkpoint: str, *, s
 
     Args:
         section: the method's config section (``flip_tta``, ``cluster_alpha``).
-        out: the folder (default ``<run>/predict/<split>-<probe>[-crf]``).
+        out: the folder (default ``<run>/predict/<kind>/<split>-<probe>[-crf]``, kind ``stego``, ``hp``, ...).
 
     Returns:
         The summary; its metrics say ``"uses_labels": true`` for the linear probe.
@@ -247,7 +247,7 @@ def predict_probe(config: LussConfig, data: str, run: str, checkpoint: str, *, s
     shape = record["shape"]
     num_clusters = shape["num_classes"] + (shape["extra_clusters"] if probe == "cluster" else 0)
     refine_fn = crf_refine(config) if crf else None
-    out = out or storage.join(run, STAGE, f"{split}-{probe}{'-crf' if crf else ''}")
+    out = out or storage.join(run, STAGE, record["kind"], f"{split}-{probe}{'-crf' if crf else ''}")
     kwargs = {"checkpoint": checkpoint, "probe": probe, "alpha": section.cluster_alpha, "flip": section.flip_tta,
               "torch_threads": config.predict.torch_threads, "refine_fn": refine_fn}
     inputs = {"probe": probe, "flip_tta": section.flip_tta, "alpha": section.cluster_alpha,

@@ -13,7 +13,8 @@
   (:class:`lussray.stages.stego.ProbeOnlyAdapter`, trained by :func:`lussray.stages.scene_training.train`).
 
 Outputs under ``<run>/baselines/frozen-kmeans`` (``features/``, ``centroids.npy``, ``kmeans.json``,
-``validation/`` predictions with ``summary.json``) and ``<run>/baselines/random-head``.
+``validation/`` predictions with ``summary.json``; shared by STEGO and HP runs in one folder) and
+``<run>/baselines/<method>/random-head``.
 """
 
 from __future__ import annotations

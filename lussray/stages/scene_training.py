@@ -101,7 +101,7 @@ def image_count(data: str) -> int:
 
 
 def adapter_factory(kind: str, spec: FeaturizerSpec, heads: dict[str, Any], section: Any, *, seed: int,
-                    total_steps: int) -> Any:
+                    stage: str, total_steps: int) -> Any:
     """A picklable zero-argument factory of the ``Method`` adapter of ``kind`` (built on each worker)."""
     from functools import partial
 
