@@ -168,7 +168,8 @@ class PartnerReader:
         shard = int(self.shard[index])
         if shard not in self._neighbours:
             table = read_parquet(self.files.neighbour_file(self.shards[shard]), ["neighbours"])
-            self._neighbours[shard] = np.ascontiguousarray(list_matrix(table.column("neighbours"))[:, : self.candidates])
+            first = list_matrix(table.column("neighbours"))[:, : self.candidates]
+            self._neighbours[shard] = np.ascontiguousarray(first, dtype=np.int64 if len(self.crop) >= 2**31 else np.int32)
         return self._neighbours[shard][index - self.starts[shard]]
 
     def draw(self, key: str, crop: int, num_neighbors: int, rng: np.random.Generator) -> tuple[str, int, bytes]:
