@@ -82,8 +82,11 @@ def test_method_trains_resumes_after_kill_predicts_and_scores(scenes, tmp_path, 
     kill_driver(proc)
     registered = _registered_steps(stage_dir)
     assert registered, "no checkpoint was registered before the deadline"
-    # 2. the rerun resumes at the last registered step, finishes, predicts and scores
-    result = subprocess.run(_cmd(scenes, run, method, *extra), env=env, capture_output=True, text=True, timeout=900)
+    # 2. the rerun resumes at the last registered step, finishes, predicts and scores (HP: also the
+    #    references' checkpoint choice on validation labels, as an extra row)
+    select = ["--select-on-labels"] if method == "hp" else []
+    result = subprocess.run(_cmd(scenes, run, method, *extra, *select), env=env, capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (stage_dir / METRICS_FILE).read_text().splitlines()]
     resume = [r for r in rows if r.get("event") == "resume"]
@@ -94,7 +97,15 @@ def test_method_trains_resumes_after_kill_predicts_and_scores(scenes, tmp_path, 
     assert final["method"] == method and 0 <= final["mIoU"] <= 100 and 0 <= final["Acc"] <= 100
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["protocol"] == "pixel"
-    assert list(metrics["metrics"]) == ["cluster probe", "linear probe (uses labels)"]
+    rows = list(metrics["metrics"])
+    assert rows[:2] == ["cluster probe", "linear probe (uses labels)"]
+    if select:  # the kept checkpoints (the last two) scored on validation: the best one, marked as using labels
+        assert len(rows) == 3 and rows[2].endswith("chosen on validation labels (uses labels)")
+        chosen = metrics["metrics"][rows[2]]
+        assert chosen["uses_labels"] is True and chosen["checkpoint"] in ("checkpoint_step=00000006",
+                                                                          "checkpoint_step=00000008")
+    else:
+        assert len(rows) == 2
     assert metrics["metrics"]["linear probe (uses labels)"]["uses_labels"] is True
     assert metrics["metrics"]["cluster probe"]["num_images"] == 6
     assert metrics["metrics"]["cluster probe"]["mIoU"] == pytest.approx(final["mIoU"])
