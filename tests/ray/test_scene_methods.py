@@ -97,15 +97,15 @@ def test_method_trains_resumes_after_kill_predicts_and_scores(scenes, tmp_path, 
     assert final["method"] == method and 0 <= final["mIoU"] <= 100 and 0 <= final["Acc"] <= 100
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["protocol"] == "pixel"
-    rows = list(metrics["metrics"])
-    assert rows[:2] == ["cluster probe", "linear probe (uses labels)"]
+    names = list(metrics["metrics"])
+    assert names[:2] == ["cluster probe", "linear probe (uses labels)"]
     if select:  # the kept checkpoints (the last two) scored on validation: the best one, marked as using labels
-        assert len(rows) == 3 and rows[2].endswith("chosen on validation labels (uses labels)")
-        chosen = metrics["metrics"][rows[2]]
+        assert len(names) == 3 and names[2].endswith("chosen on validation labels (uses labels)")
+        chosen = metrics["metrics"][names[2]]
         assert chosen["uses_labels"] is True and chosen["checkpoint"] in ("checkpoint_step=00000006",
                                                                           "checkpoint_step=00000008")
     else:
-        assert len(rows) == 2
+        assert len(names) == 2
     assert metrics["metrics"]["linear probe (uses labels)"]["uses_labels"] is True
     assert metrics["metrics"]["cluster probe"]["num_images"] == 6
     assert metrics["metrics"]["cluster probe"]["mIoU"] == pytest.approx(final["mIoU"])
