@@ -374,6 +374,7 @@ class KnnConfig:
     search_actors: int = ranged(2, 1)  # actors holding the features (each searches its own rows)
     query_block_size: int = ranged(4096, 1)  # queries sent to every search actor at once
     blocks_in_flight: int = ranged(2, 1)  # query blocks searched while the driver merges earlier ones
+    search_gpus_per_actor: float = ranged(0.0, 0)  # > 0: a search actor's rows on its GPU (needs faiss-gpu)
     actor_pool_min: int = ranged(1, 1)
     actor_pool_max: int = ranged(1, 1)
     gpus_per_actor: float = ranged(0.0, 0)

@@ -81,7 +81,7 @@ def _start(paths: list[str], num_actors: int, cpus_per_actor: float, gpus_per_ac
     groups = group_files(sizes, num_actors)
     ray_cluster.require(ray_cluster.Demand(
         "KNN search actors", len(groups), cpus_per_actor, gpus_per_actor, f"{key}.search_actors",
-        f"{key}.cpus_per_actor", f"{key}.gpus_per_actor"), ray_cluster.current_config())
+        f"{key}.cpus_per_actor", f"{key}.search_gpus_per_actor"), ray_cluster.current_config())
     remote = ray.remote(EmbeddingShard).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
     return [remote.remote([paths[i] for i in group], "embedding", True, True, gpus_per_actor > 0,
                           max(1, int(cpus_per_actor)))

@@ -51,7 +51,7 @@ from lussray.stages.featurizer import FeaturizerSpec
 STAGE = "knn"
 SPLIT = "train"
 #: ``knn`` keys that only choose how the search runs, not its result.
-SEARCH_KEYS = ("search_actors", "query_block_size", "blocks_in_flight")
+SEARCH_KEYS = ("search_actors", "query_block_size", "blocks_in_flight", "search_gpus_per_actor")
 
 
 def peak_rss_mb() -> float:
@@ -190,7 +190,7 @@ def search(config: LussConfig, files: KnnFiles, names: list[str], feature_files:
     if todo:
         for result in sharded_top_k(feature_files, k, num_actors=cfg.search_actors, block_size=cfg.query_block_size,
                                     blocks_in_flight=cfg.blocks_in_flight, cpus_per_actor=cfg.cpus_per_actor,
-                                    gpus_per_actor=cfg.gpus_per_actor, query_files=todo, stats=stats):
+                                    gpus_per_actor=cfg.search_gpus_per_actor, query_files=todo, stats=stats):
             rows = result.rows
             first, last = starts[result.file_index], starts[result.file_index + 1]
             table = pa.table({
