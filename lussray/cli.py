@@ -8,7 +8,10 @@ inputs instead of refusing; :mod:`lussray.completion`) and trailing ``key=value`
 command given ``--run`` holds that folder's lock (``<run>/.lock``) while it runs.
 
 A subcommand lives in the module that owns its concept; the module provides
-``add_arguments(parser)`` and ``run(args, config) -> int`` and is imported only when used.
+``add_arguments(parser)`` and ``run(args, config) -> int`` and is imported only when used. A module
+with ``ACTIONS`` (``{action: help}``) is a command with actions, ``lussray fs4 labels``: its
+``add_arguments(parser, action)`` is called per action, the common flags follow the action, and
+``run`` reads it as ``args.action``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lussray.stages.pipeline", "every stage in order (skipping completed ones), metrics, report"),
     "distmatch": ("lussray.stages.distmatch", "distance-matching protocol (kNN on train-semi instances)"),
     "semisup": ("lussray.stages.semisup", "semi-supervised protocol (fine-tune on train-semi ground truth)"),
+    "fs4": ("lussray.stages.fs4", "FS^4's own stages: `fs4 labels`, pyramid pseudo labels with active selection"),
     "evaluate": ("lussray.eval.evaluate", "score predictions as the official ImageNet-S evaluator does"),
 }
 
@@ -56,6 +60,19 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pretrain.loop.epochs=5")
 
 
+def _action_parsers(parser: argparse.ArgumentParser,
+                    actions: dict[str, str] | None) -> list[tuple[str | None, argparse.ArgumentParser]]:
+    """``[(None, parser)]``, or ``(action, nested parser)`` per action of a command with actions (``fs4 labels``).
+
+    The module's ``ACTIONS`` maps each action to its help; its ``add_arguments(parser, action)`` adds
+    that action's flags; ``run`` reads the action as ``args.action``.
+    """
+    if not actions:
+        return [(None, parser)]
+    nested = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    return [(action, nested.add_parser(action, help=text, description=text)) for action, text in actions.items()]
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only ``command``'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(prog="lussray", description=__doc__.splitlines()[0])
@@ -64,21 +81,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if command in (None, name):
-            importlib.import_module(module_name).add_arguments(sub)
-            _add_common_arguments(sub)
+            module = importlib.import_module(module_name)
+            for action, command_parser in _action_parsers(sub, getattr(module, "ACTIONS", None)):
+                module.add_arguments(command_parser, *([action] if action else []))
+                _add_common_arguments(command_parser)
         sub.set_defaults(module_name=module_name)
     return parser
 
 
 def config_method(args: argparse.Namespace) -> str:
-    """The method whose config layers apply: ``--method`` of ``lussray run``, else PASS (every other command's)."""
+    """The method whose layers apply: ``lussray run --method``, a command module's ``CONFIG_METHOD``, else PASS."""
     from lussray.pipelines import DEFAULT_METHOD, method_module
 
     name = getattr(args, "method", None) or DEFAULT_METHOD
     if args.command == "run":
         method_module(name)  # an unknown or unbuilt method is refused before any config work
         return name
-    return DEFAULT_METHOD
+    # a method's own command (``lussray fs4 labels``) resolves with that method's layers
+    return getattr(importlib.import_module(args.module_name), "CONFIG_METHOD", DEFAULT_METHOD)
 
 
 def main(argv: list[str] | None = None) -> int:

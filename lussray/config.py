@@ -291,6 +291,67 @@ class LabelgenConfig:
 
 
 @dataclass(frozen=True)
+class FS4LabelsConfig:
+    """FS^4's pyramid global guidance pseudo labels (``lussray fs4 labels``, Sec. 4.2.1 of the paper).
+
+    Every training image gives six views (the whole image, four corner crops and the centre crop);
+    each view's global feature from the initial model is clustered into ``num_clusters`` global
+    clusters, and active selection keeps the ``keep_fraction`` of all views closest to their centre.
+    """
+
+    ORDERED: ClassVar = (("crop_size", "resize"),)
+
+    num_clusters: int = ranged(50, 1)  # global clusters (the paper's default; Table 5: stable up to ~100)
+    # Fraction of all views kept, ranked together by cosine distance to their own centre (the paper's 40 %)
+    keep_fraction: float = ranged(0.4, above=0, high=1)
+    # The six pyramid views (PGG); false: the whole image only, one label per image (Table 4's "GG"
+    # row, with keep_fraction 1)
+    pyramid: bool = True
+    # Side of the five crops as a fraction of the image side (not in the paper; 0.5 tiles the image)
+    crop_fraction: float = ranged(0.5, above=0, high=1)
+    crop_view_size: int = ranged(640, 16)  # supplement A.1: the five crops are first resized to 640 x 640
+    resize: int = ranged(256, 16)  # then every view: Resize(256 x 256) ...
+    crop_size: int = ranged(224, 16)  # ... and CenterCrop(224), as the ISS models' inference
+    # The global feature: "projector", the L2-normalised output of the projection head on pooled c4
+    # (supplement A.1; PASS and SwAV files carry it), or "backbone", pooled c4 itself (Sec. 4.2.1;
+    # MoCo-v2 files, whose MLP projector lussray does not load)
+    feature: str = one_of("projector", ("projector", "backbone"))
+    kmeans_iterations: int = ranged(20, 1)
+    kmeans_redo: int = ranged(3, 1)
+    batch_size: int = ranged(16, 1)  # images per forward pass of an embedding actor (x 6 views)
+
+
+@dataclass(frozen=True)
+class FS4Config:
+    """FS^4 training on PiCIE's pixel clustering (the paper's supplement A.2 as defaults).
+
+    ``labels`` is the pseudo-label stage; the other keys are read by the training stage: the CAM
+    head and the CAE module (Secs. 4.2.2, 4.3), the loss weights of L = L_w + L_p (Eq. 5), the
+    views of every selected pyramid view and the Adam loop (lr 1e-3, no weight decay, global batch
+    128 = num_workers x batch_size_per_worker, 10 epochs).
+    """
+
+    labels: FS4LabelsConfig = field(default_factory=FS4LabelsConfig)
+    cam_head: str = one_of("modified", ("modified", "classical"))  # q = g1(ReLU(GAP(g2(F)))) or GAP(g(F))
+    cam_hidden_channels: Optional[int] = ranged(None, 1)  # width of g2's output (not in the paper); None: C
+    cae: bool = True  # the context-aware embedding module (Sec. 4.3); false for the ablation's rows without it
+    cae_chunk_mb: int = ranged(64, 1)  # memory budget of one chunk of the CAE relation map (lussray.models.cae)
+    # Weight of L_w (Eq. 6)
+    global_weight: float = ranged(1.0, 0)
+    # Weight of lussray's picie_loss, which is the PiCIE reference's (L_within + L_cross) / 4: 4.0 gives
+    # the paper's L = L_w + L_p (Eq. 5 with Eq. 1); 1.0 the PiCIE reference's pixel-loss scale
+    pixel_weight: float = ranged(4.0, 0)
+    # The training views of a selected pyramid view (supplement A.1): resized and centre-cropped to
+    # base_size, random square crops of min_side..1 of its side resized to view_size, flips
+    base_size: int = ranged(320, 16)
+    view_size: int = ranged(320, 16)
+    min_side: float = ranged(0.5, above=0, high=1)
+    flip_p: float = ranged(0.5, 0, 1)
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(
+        epochs=10, base_lr=1e-3, final_lr=1e-3, weight_decay=0.0, batch_size_per_worker=64))
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Stage 3, segmentation fine-tuning on pseudo labels."""
 
@@ -487,6 +548,7 @@ class LussConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     labelgen: LabelgenConfig = field(default_factory=LabelgenConfig)
+    fs4: FS4Config = field(default_factory=FS4Config)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     distmatch: DistmatchConfig = field(default_factory=DistmatchConfig)

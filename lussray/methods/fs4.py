@@ -95,6 +95,7 @@ def pyramid_view_images(
     crop_view_size: int = CROP_VIEW_SIZE,
     resize: int = GLOBAL_RESIZE,
     crop: int = GLOBAL_CROP,
+    num_views: int = NUM_VIEWS,
 ) -> list[np.ndarray]:
     """The six views of ``image`` as the initial model sees them for pseudo labelling.
 
@@ -108,12 +109,13 @@ def pyramid_view_images(
         crop_view_size: Side the crops are resized to first (640).
         resize: Square resize side of every view (256).
         crop: Centre-crop side (224).
+        num_views: Only the first ``num_views`` views (1: the whole image alone).
 
     Returns:
-        Six uint8 (crop, crop, 3) arrays in :data:`VIEW_NAMES` order (not yet normalised).
+        ``num_views`` uint8 (crop, crop, 3) arrays in :data:`VIEW_NAMES` order (not yet normalised).
     """
     height, width = image.shape[:2]
-    boxes = pyramid_boxes(height, width, crop_fraction)
+    boxes = pyramid_boxes(height, width, crop_fraction)[:num_views]
     views = [resized_crop(image, boxes[0], resize)]
     for box in boxes[1:]:
         enlarged = resized_crop(image, box, crop_view_size)

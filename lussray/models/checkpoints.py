@@ -4,6 +4,9 @@ Three layouts are recognised (always read with ``torch.load(weights_only=True)``
 
 - lussray's own checkpoints, ``{"model": state_dict, ...}``, keys named after lussray modules;
 - a plain torchvision ResNet state dict (``conv1.weight``, ``layer1.0...``; ``fc.*`` is ignored);
+- a MoCo (v1/v2) release, ``{"state_dict": ...}`` with the query encoder under ``encoder_q.``: only
+  that encoder is read, as a torchvision ResNet (its MLP projector ``fc.*`` is dropped like
+  torchvision's classifier; the key encoder ``encoder_k.*`` and the queue are not read);
 - the PASS and SwAV releases: a state dict, or ``{"state_dict": state_dict, ...}`` as their
   training scripts save, keys usually prefixed with ``module.`` (DDP). The backbone sits at the top
   level like torchvision's; the heads are ``projection_head.*``, ``prototypes.weight``,
@@ -81,6 +84,8 @@ STAGE_KEY_TABLE: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 _DDP_PREFIX = "module."
+#: MoCo's query encoder (the network MoCo trains); its key encoder and queue sit beside it.
+_MOCO_PREFIX = "encoder_q."
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class LoadReport:
 
     Attributes:
         path: The file read.
-        source_format: ``"lussray"``, ``"pass/swav"`` or ``"torchvision"``.
+        source_format: ``"lussray"``, ``"pass/swav"``, ``"moco"`` or ``"torchvision"``.
         loaded: Model keys that received a value.
         missing: Model keys the file did not provide (``num_batches_tracked`` excluded).
         unexpected: File keys (translated) that the model does not have.
@@ -168,6 +173,8 @@ def read_state_dict(path: str | os.PathLike[str] | IO[bytes]) -> tuple[dict[str,
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{name} holds no state dict (expected name -> tensor, a 'model' or a 'state_dict' entry)")
     state = {(k[len(_DDP_PREFIX) :] if k.startswith(_DDP_PREFIX) else k): v for k, v in state.items()}
+    if source_format != "lussray" and any(k.startswith(_MOCO_PREFIX) for k in state):
+        return {k[len(_MOCO_PREFIX) :]: v for k, v in state.items() if k.startswith(_MOCO_PREFIX)}, "moco"
     if source_format != "lussray":
         if any(k.startswith(LUSSRAY_PREFIXES[0]) for k in state):
             source_format = "lussray"

@@ -107,3 +107,20 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="garbage.pth"):
         load_pretrained(_model(), tmp_path / "garbage.pth")
+
+
+def test_moco_release_reads_the_query_encoder_only(tmp_path):
+    torch.manual_seed(5)
+    query, key = torchvision.models.resnet18(weights=None).state_dict(), torchvision.models.resnet18(weights=None)
+    state = {f"module.encoder_q.{k}": v for k, v in query.items() if not k.startswith("fc.")}
+    state["module.encoder_q.fc.0.weight"], state["module.encoder_q.fc.2.weight"] = torch.zeros(16, 512), torch.zeros(8, 16)
+    state.update({f"module.encoder_k.{k}": v + 1 for k, v in key.state_dict().items()})
+    state["module.queue"] = torch.zeros(8, 64)
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, tmp_path / "moco_v2.pth.tar")
+    model = _model()
+    report = load_pretrained(model, tmp_path / "moco_v2.pth.tar")
+    assert report.source_format == "moco" and not report.unexpected and not report.mismatched
+    assert report.ignored == ["fc.0.weight", "fc.2.weight"]
+    assert not any(k.startswith("backbone.") for k in report.missing)
+    assert any(k.startswith("projection_head.") for k in report.missing)
+    torch.testing.assert_close(model.backbone.layer2[0].conv1.weight, query["layer2.0.conv1.weight"])

@@ -84,6 +84,11 @@ def test_defaults_and_every_preset_are_in_range(dataset):
     ("pretrain.crops.num_crops=[2,0]", r"pretrain\.crops\.num_crops\[1\]=0 .*>= 1"),
     ("labelgen.score_scale=minmax", r"labelgen\.score_scale='minmax'.*absolute, image"),
     ("labelgen.tau_split=train", r"labelgen\.tau_split='train'.*validation, train-semi"),
+    ("fs4.labels.keep_fraction=0", r"fs4\.labels\.keep_fraction=0\.0 .*in \(0, 1\]"),
+    ("fs4.labels.num_clusters=0", r"fs4\.labels\.num_clusters=0 .*>= 1"),
+    ("fs4.labels.feature=fc", r"fs4\.labels\.feature='fc'.*projector, backbone"),
+    ("fs4.cam_head=gap", r"fs4\.cam_head='gap'.*modified, classical"),
+    ("fs4.pixel_weight=-1", r"fs4\.pixel_weight=-1\.0 .*>= 0"),
 ])
 def test_out_of_range_values_are_refused_naming_key_and_range(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -96,6 +101,7 @@ def test_out_of_range_values_are_refused_naming_key_and_range(override, message)
     (["pretrain.crops.min_scales=[0.5,0.4]"], r"pretrain\.crops\.min_scales\[1\]=0\.4 exceeds .*max_scales\[1\]=0\.3"),
     (["pretrain.crops.num_crops=[2]"], r"pretrain\.crops\.num_crops=\[2\], pretrain\.crops\.crop_sizes=\[64, 32\]"),
     (["synth.semi_per_class=61"], r"synth\.semi_per_class=61 exceeds synth\.train_per_class=60"),
+    (["fs4.labels.crop_size=300"], r"fs4\.labels\.crop_size=300 exceeds fs4\.labels\.resize=256"),
 ])
 def test_inconsistent_keys_are_refused_naming_both(overrides, message):
     with pytest.raises(ConfigError, match=message):

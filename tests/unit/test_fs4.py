@@ -63,6 +63,8 @@ def test_pyramid_view_images_show_their_quadrant():
         assert tuple(views[view][112, 112]) == colour
         assert tuple(views[0][56 if view < 3 else 168, 56 if view % 2 else 168]) == colour  # whole image, same quadrant
     assert tuple(views[5][96, 96]) == colours[1] and tuple(views[5][128, 128]) == colours[4]  # centre crop
+    whole = pyramid_view_images(image, num_views=1)
+    assert len(whole) == 1 and np.array_equal(whole[0], views[0])
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ PROBE = textwrap.dedent(
         for info in pkgutil.iter_modules(module.__path__, package + "."):
             importlib.import_module(info.name)
             imported.append(info.name)
-    for name in ("lussray.data.imagenet_s", "lussray.data.augment", "lussray.clustering.lloyd",
+    for name in ("lussray.data.imagenet_s", "lussray.data.augment", "lussray.clustering.lloyd", "lussray.data.fs4_views",
                  "lussray.data.cocostuff", "lussray.data.cityscapes", "lussray.data.synthetic_scenes",
                  "lussray.data.picie_views", "lussray.completion", "lussray.pipelines",
                  "lussray.data.scene_views", "lussray.data.partners"):

@@ -1,0 +1,26 @@
+"""The fs4 config section and method layers, and the `lussray fs4 ACTION` command."""
+
+import pytest
+
+from lussray.cli import main
+from lussray.config import load_config
+
+
+@pytest.mark.parametrize("dataset", ["synthetic-scenes", "cocostuff27", "cityscapes27"])
+def test_fs4_layers_pin_the_papers_values(dataset):
+    config = load_config(dataset, method="fs4")
+    assert config.fs4.labels.keep_fraction == 0.4 and config.fs4.cam_head == "modified"
+    assert (config.fs4.loop.base_lr, config.fs4.loop.weight_decay, config.fs4.loop.epochs) == (0.001, 0.0, 10)
+    assert config.fs4.labels.num_clusters == (12 if dataset == "synthetic-scenes" else 50)
+    if dataset != "synthetic-scenes":  # the supplement's global batch of 128
+        assert config.fs4.loop.num_workers * config.fs4.loop.batch_size_per_worker == 128
+
+
+def test_fs4_command_resolves_with_fs4_layers_and_needs_an_action(tmp_path, capsys):
+    assert main(["fs4", "labels", "--dataset", "synthetic-scenes", "--dry-run"]) == 0
+    assert "num_clusters: 12" in capsys.readouterr().out  # configs/method/fs4/synthetic-scenes.yaml
+    with pytest.raises(SystemExit):
+        main(["fs4", "--dataset", "synthetic-scenes"])
+    assert "ACTION" in capsys.readouterr().err
+    assert main(["fs4", "labels", "--dataset", "synthetic-scenes", "--run", str(tmp_path / "run")]) == 2
+    assert "--data DIR" in capsys.readouterr().err
