@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lussray.stages.pretrain", "stage 1: PASS representation learning on Ray Train"),
     "attention": ("lussray.stages.attention", "stage 2.1: pixel attention on the frozen backbone"),
     "labelgen": ("lussray.stages.labelgen", "stage 2.2-2.4: embeddings, sharded k-means, pseudo labels"),
+    "knn": ("lussray.stages.knn", "STEGO's KNN pairs: image-level features (actor pool), sharded top-k search"),
     "finetune": ("lussray.stages.finetune", "stage 4: segmentation fine-tuning on the pseudo labels"),
     "predict": ("lussray.stages.predict", "stage 5: predictions of a split (actor pool), matching, submission"),
     "run": ("lussray.stages.pipeline", "every stage in order (skipping completed ones), metrics, report"),

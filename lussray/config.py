@@ -409,6 +409,133 @@ class SemisupConfig:
 
 
 @dataclass(frozen=True)
+class FeaturizerConfig:
+    """The frozen featurizer of STEGO, HP and the KNN stage (lussray.models.vit, lussray.stages.featurizer)."""
+
+    # A DINO ViT-S/8 or ViT-B/8 checkpoint file (a release file such as dino_deitsmall8_300ep_pretrain.pth,
+    # or a state dict with a 'teacher' entry); `--featurizer FILE` sets it. None: the run's own PASS
+    # stage-1 ResNet (pretrain.arch, the latest <run>/pretrain checkpoint, trained first by `lussray run`).
+    file: Optional[str] = None
+    # ResNet only (it has no attention): HP's local hidden positives use the cosine affinity of its
+    # features divided by this, in place of the ViT's attention scores (lussray's choice, no reference value).
+    affinity_temperature: float = ranged(0.1, above=0)
+    resnet_upsample: int = ranged(4, 1, 32)  # c4 (stride 32) upsampled bilinearly: stride 8, as the ViT/8s
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """``lussray knn``: image-level features of the frozen featurizer and their top-k neighbours (STEGO's KNN pairs)."""
+
+    ORDERED: ClassVar = (("actor_pool_min", "actor_pool_max"),)
+
+    k: int = ranged(30, 1)  # neighbours kept per item, the item itself included (the reference's top-30)
+    res: int = ranged(224, 16)  # Resize(res) + CenterCrop(res) before the featurizer (the reference's 224)
+    # The items: each of the five crops of an image (STEGO's five-crop training data) or whole images.
+    # Must equal stego.crop_type / stego.crop_ratio: the training pairs are items of the same kind.
+    crop_type: str = one_of("five", ("five", "none"))
+    crop_ratio: float = ranged(0.5, above=0, high=1)  # side of a five-crop over the image side
+    search_actors: int = ranged(2, 1)  # actors holding the features (each searches its own rows)
+    query_block_size: int = ranged(4096, 1)  # queries sent to every search actor at once
+    blocks_in_flight: int = ranged(2, 1)  # query blocks searched while the driver merges earlier ones
+    search_gpus_per_actor: float = ranged(0.0, 0)  # > 0: a search actor's rows on its GPU (needs faiss-gpu)
+    actor_pool_min: int = ranged(1, 1)
+    actor_pool_max: int = ranged(1, 1)
+    gpus_per_actor: float = ranged(0.0, 0)
+    cpus_per_actor: float = ranged(1.0, 0)
+    torch_threads: int = ranged(0, 0)  # intra-op threads per actor; 0 keeps torch's default
+    batch_size: int = ranged(64, 1)  # images per featurizer forward
+
+
+@dataclass(frozen=True)
+class SceneHeadConfig:
+    """What STEGO and HP share: the segmentation head, the probes, the training crops, the optimiser groups.
+
+    The optimiser is one AdamW with a parameter group per module and its own learning rate (AdamW
+    with weight decay 0 is Adam: the references' separate Adam optimisers); the learning rates are
+    constant, as the references'. ``loop.base_lr``, ``final_lr``, ``momentum`` and
+    ``lars_trust_coefficient`` are not read.
+    """
+
+    dim: int = ranged(70, 1)  # code dimension of the head (STEGO 70, 100 in its Cityscapes checkpoint; HP 512)
+    extra_clusters: int = ranged(0, 0)  # cluster-probe centroids beyond dataset.num_classes
+    nonlinear: bool = True  # the head's nonlinear branch (projection_type: nonlinear)
+    dropout: float = ranged(0.1, 0, 1)  # Dropout2d before each head branch and on the frozen features
+    res: int = ranged(224, 16)  # each training crop: Resize(res) + CenterCrop(res)
+    # five crops per image (the references' cropped datasets): an epoch trains on one crop of every
+    # image, the five in turn, so five epochs are one epoch of the references' five-crop data
+    crop_type: str = one_of("five", ("five", "none"))
+    crop_ratio: float = ranged(0.5, above=0, high=1)
+    head_lr: float = ranged(5e-4, 0)
+    head_weight_decay: float = ranged(0.0, 0)
+    linear_lr: float = ranged(5e-3, 0)  # the linear probe (it trains on ground truth: evaluation only)
+    cluster_lr: float = ranged(5e-3, 0)
+    cluster_alpha: float = ranged(2.0, above=0)  # prediction scores softmax(alpha * cos), the reference's 2
+    flip_tta: bool = False  # predict with the mean code of the image and its mirror image
+    max_steps: Optional[int] = ranged(None, 1)  # stop after this many steps (STEGO: 5000); None: loop.epochs
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(batch_size_per_worker=16, epochs=5))
+
+
+@dataclass(frozen=True)
+class StegoConfig(SceneHeadConfig):
+    """STEGO: correspondence distillation with self, KNN and random-image pairs (seed-methods.md 2.3)."""
+
+    num_neighbors: int = ranged(7, 1)  # the KNN partner is drawn among the first this many neighbours (self excluded)
+    correspondence_weight: float = ranged(1.0, 0)
+    # shifts b and weights per pair type; defaults: the block active in STEGO's train_config.yml
+    pos_intra_shift: float = ranged(0.18, -1, 1)
+    pos_inter_shift: float = ranged(0.12, -1, 1)
+    neg_inter_shift: float = ranged(0.46, -1, 1)
+    pos_intra_weight: float = ranged(0.67, 0)
+    pos_inter_weight: float = ranged(0.25, 0)
+    neg_inter_weight: float = ranged(0.63, 0)
+    feature_samples: int = ranged(11, 1)  # S x S random points per image
+    neg_samples: int = ranged(5, 1)  # random partners per image
+    pointwise: bool = True
+    zero_clamp: bool = True
+    stabilize: bool = False
+    flip_tta: bool = True  # STEGO's evaluation averages the codes of the image and its mirror image
+
+
+@dataclass(frozen=True)
+class HPConfig(SceneHeadConfig):
+    """HP: hidden positives (seed-methods.md 3.2; defaults: COCO-Stuff-27's JSON)."""
+
+    dim: int = ranged(512, 1)
+    head_weight_decay: float = ranged(0.1, 0)  # AdamW on the head; the projector's group has none
+    linear_lr: float = ranged(1e-3, 0)
+    tau: float = ranged(0.8, above=0)  # contrastive temperature
+    alpha: float = ranged(0.05, 0)  # weight of the consistency term
+    rho: float = ranged(0.02, 0, 1)  # kept fraction of the non-positives in the denominator
+    pool_size: int = ranged(2048, 1)  # M, entries of each reference pool
+    renew_interval: int = ranged(100, 0)  # steps between renewals of the task-specific pool (0: never)
+    ema_m: float = ranged(0.99, 0, 1)  # momentum of the EMA head
+    warmup: int = ranged(1000, 0)  # steps before task-specific positives count (lambda ramps up after)
+    reweighting: bool = True
+    sigma: float = ranged(28.0, above=0)  # attention scale of the local hidden positives
+    grad_norm: float = ranged(10.0, 0)  # clip the head's gradient norm (0: off)
+    # photometric view of the consistency term (the reference's img_aug): ColorJitter, grayscale, blur
+    jitter: list[float] = ranged(factory=lambda: [0.3, 0.3, 0.3, 0.1], low=0, high=1)
+    jitter_p: float = ranged(0.8, 0, 1)
+    grayscale_p: float = ranged(0.2, 0, 1)
+    blur_p: float = ranged(0.5, 0, 1)
+    # An epoch trains on one of the five crops of every image: HP's 3 epochs of its five-crop dataset are 15.
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(batch_size_per_worker=64, epochs=15))
+
+
+@dataclass(frozen=True)
+class FrozenKmeansConfig:
+    """The ``frozen_kmeans`` baseline of STEGO/HP: k-means of the frozen features' pixels, no training.
+
+    Its random choices (pixels, initial centroids) derive from the run's ``seed``.
+    """
+
+    pixels_per_image: int = ranged(64, 1)  # random stride-8 feature vectors per training item clustered
+    iterations: int = ranged(20, 1)
+    redo: int = ranged(3, 1)
+    kmeans_actors: int = ranged(2, 1)
+
+
+@dataclass(frozen=True)
 class LussConfig:
     """The whole resolved configuration of a lussray run."""
 
@@ -428,6 +555,11 @@ class LussConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
     distmatch: DistmatchConfig = field(default_factory=DistmatchConfig)
     semisup: SemisupConfig = field(default_factory=SemisupConfig)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    stego: StegoConfig = field(default_factory=StegoConfig)
+    hp: HPConfig = field(default_factory=HPConfig)
+    frozen_kmeans: FrozenKmeansConfig = field(default_factory=FrozenKmeansConfig)
 
 
 def _is_numeric(hint: Any) -> bool:

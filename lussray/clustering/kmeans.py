@@ -325,6 +325,55 @@ class EmbeddingShard:
         """Peak resident memory of this process, MB (Linux reports KiB)."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
+    # -- nearest-neighbour search (lussray.clustering.knn_search) --------------------------------
+
+    def file_rows(self) -> list[tuple[str, int]]:
+        """``(path, rows)`` of this shard's files, in the order of its rows."""
+        return [(path, self._num_rows(path)) for path in self._paths]
+
+    def top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` rows of this shard with the largest inner product with each query, best first.
+
+        Exact search: ``faiss.knn`` over the rows in place on the CPU (no index copy), a faiss GPU
+        flat index when the actor owns a GPU, or a chunked matmul + ``topk`` when the rows are a
+        torch tensor.
+
+        Args:
+            queries: (q, D) float32.
+            k: neighbours wanted (at most the shard's rows are returned).
+
+        Returns:
+            ``(scores, rows)``: (q, k') float32 inner products and (q, k') int64 local row indices,
+            k' = min(k, rows of the shard).
+        """
+        k = min(int(k), len(self._points))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not isinstance(self._points, np.ndarray):  # rows held as a torch tensor
+            return _torch_top_k(self._points, queries, k)
+        if self._use_gpu:
+            if getattr(self, "_knn_index", None) is None:
+                self._knn_index = lloyd.flat_index(self._points.shape[1], True, True)
+                self._knn_index.add(self._points)
+            scores, rows = self._knn_index.search(queries, k)
+            return scores, rows.astype(np.int64)
+        import faiss
+
+        scores, rows = faiss.knn(queries, self._points, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, rows.astype(np.int64)
+
+
+def _torch_top_k(points, queries: np.ndarray, k: int, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product top-k of numpy ``queries`` among torch ``points`` (on their device), in query chunks."""
+    import torch
+
+    scores, rows = [], []
+    for start in range(0, len(queries), chunk_rows):
+        block = torch.from_numpy(queries[start:start + chunk_rows]).to(points.device)
+        top = (block @ points.T).topk(k, dim=1)
+        scores.append(top.values.float().cpu().numpy())
+        rows.append(top.indices.cpu().numpy().astype(np.int64))
+    return np.concatenate(scores), np.concatenate(rows)
+
 
 def _torch_rows(array: np.ndarray):
     """A torch view of a numpy array (no copy)."""

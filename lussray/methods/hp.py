@@ -103,7 +103,8 @@ def should_renew(step: int, renew_interval: int) -> bool:
 def sample_patches(maps: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     """One random patch per image, L2-normalised: (B, C, h, w) -> (B, C)."""
     batch, _, height, width = maps.shape
-    index = torch.randint(height * width, (batch,), generator=generator).to(maps.device)
+    where = generator.device if generator is not None else "cpu"  # a generator draws on its own device
+    index = torch.randint(height * width, (batch,), generator=generator, device=where).to(maps.device)
     picked = maps.flatten(2)[torch.arange(batch, device=maps.device), :, index]
     return F.normalize(picked.float(), dim=1)
 

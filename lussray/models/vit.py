@@ -176,6 +176,34 @@ def read_dino_state_dict(path: str | os.PathLike[str] | IO[bytes]) -> tuple[dict
     return cleaned, ignored
 
 
+def infer_dino_arch(state: dict[str, Tensor], name: str = "the checkpoint") -> tuple[str, int]:
+    """The DINO architecture and patch size of a backbone state dict, from its shapes.
+
+    The width (``pos_embed``'s last dimension: 384 ViT-S, 768 ViT-B) names the architecture and
+    ``patch_embed.proj.weight`` (C, 3, p, p) the patch size; the number of heads is not in the
+    shapes, so only DINO's two released widths are accepted.
+
+    Args:
+        state: A state dict from :func:`read_dino_state_dict`.
+        name: The file, for messages.
+
+    Returns:
+        ``(arch, patch_size)``, e.g. ``("vit_small", 8)``.
+
+    Raises:
+        UserError: If the entries are missing or the width is not ViT-S's or ViT-B's.
+    """
+    pos_embed, patch = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if pos_embed is None or patch is None or patch.ndim != 4:
+        raise UserError(f"{name} has no DINO ViT pos_embed / patch_embed.proj.weight: not a DINO ViT checkpoint")
+    width = int(pos_embed.shape[-1])
+    arch = next((arch for arch, (dim, _, _) in DINO_ARCHS.items() if dim == width), None)
+    if arch is None:
+        known = ", ".join(f"{arch} {dim}" for arch, (dim, _, _) in DINO_ARCHS.items())
+        raise UserError(f"{name}: a ViT of width {width}; the DINO featurizers are {known}")
+    return arch, int(patch.shape[-1])
+
+
 class DinoViTFeaturizer(nn.Module):
     """A frozen DINO ViT (timm ``VisionTransformer``) returning stride-``patch_size`` features.
 
@@ -448,6 +476,7 @@ __all__ = [
     "ResNetFeaturizer",
     "build_featurizer",
     "cosine_affinity",
+    "infer_dino_arch",
     "interpolate_pos_embed",
     "read_dino_state_dict",
 ]

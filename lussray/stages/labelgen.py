@@ -405,11 +405,16 @@ TIMINGS = Timings({})
 
 
 def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, Any], config: LussConfig,
-               what: str) -> Iterator[dict[str, Any]]:
+               what: str, *, pool: Any = None, stage: str = STAGE) -> Iterator[dict[str, Any]]:
     """Run ``actor`` over ``jobs`` (one row per shard) on an autoscaling actor pool; yield results.
 
+    Args:
+        pool: the config section sizing the pool (``actor_pool_min``/``max``, ``cpus_per_actor``,
+            ``gpus_per_actor``); default ``config.labelgen``.
+        stage: the log prefix and the pool section's key in messages (``knn`` with ``pool=config.knn``).
+
     Raises:
-        UserError: the cluster cannot hold the pool (``labelgen.actor_pool_min``, ``cpus_per_actor``,
+        UserError: the cluster cannot hold the pool (``<stage>.actor_pool_min``, ``cpus_per_actor``,
             ``gpus_per_actor``), or an actor failed: one line naming its shard or checkpoint.
     """
     import ray.data
@@ -418,8 +423,8 @@ def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, 
 
     if not jobs:
         return
-    cfg = config.labelgen
-    ray_cluster.require(ray_cluster.pool_demand(STAGE, cfg, f"{STAGE} {what} actors"), ray_cluster.current_config())
+    cfg = pool if pool is not None else config.labelgen
+    ray_cluster.require(ray_cluster.pool_demand(stage, cfg, f"{stage} {what} actors"), ray_cluster.current_config())
     guarded = {"factory": actor, "factory_kwargs": actor_kwargs, "unit_column": "shard",
                "label": str(actor_kwargs.get("checkpoint") or actor.__name__)}
     dataset = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
@@ -432,11 +437,11 @@ def map_shards(jobs: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, 
         num_gpus=cfg.gpus_per_actor,
     )
     started, images = time.perf_counter(), 0
-    for done, row in enumerate(ray_cluster.checked(dataset.iter_rows(), f"[{STAGE}] {what}"), start=1):
+    for done, row in enumerate(ray_cluster.checked(dataset.iter_rows(), f"[{stage}] {what}"), start=1):
         images += int(row["num_images"])
         TIMINGS.actor_peak(what, float(row["peak_rss_mb"]))
         elapsed = time.perf_counter() - started
-        print(f"[{STAGE}] {what}: shard {done}/{len(jobs)} {os.path.basename(str(row['shard']))} "
+        print(f"[{stage}] {what}: shard {done}/{len(jobs)} {os.path.basename(str(row['shard']))} "
               f"({images} images, {images / max(elapsed, 1e-9):.1f} img/s, "
               f"ETA {elapsed / done * (len(jobs) - done):.0f} s)", flush=True)
         yield row

@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crf", action="store_true", help="also predict validation with dense-CRF refinement")
     parser.add_argument("--test", action="store_true", help="also predict the test split and pack its submission")
     parser.add_argument("--no-report", action="store_true", help="skip <run>/report.html")
+    parser.add_argument("--featurizer", metavar="FILE",
+                        help="STEGO/HP: a DINO ViT-S/8 or ViT-B/8 checkpoint as the frozen featurizer (default: PASS "
+                        "stage-1 pretraining runs first and its ResNet is the featurizer)")
+    parser.add_argument("--select-on-labels", action="store_true",
+                        help="STEGO/HP: also report the checkpoint with the best validation cluster mIoU (uses "
+                        "labels; the default choice, the last checkpoint, reads no ground truth)")
 
 
 def run(args: argparse.Namespace, config: LussConfig) -> int:
@@ -74,7 +80,9 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
     data, run_root = storage.absolute(args.data), storage.absolute(args.run)
-    options = RunOptions(baselines=args.baselines, crf=args.crf, test=args.test, overwrite=args.overwrite)
+    options = RunOptions(baselines=args.baselines, crf=args.crf, test=args.test, overwrite=args.overwrite,
+                         featurizer=storage.absolute(args.featurizer) if args.featurizer else None,
+                         select_on_labels=args.select_on_labels)
     init_ray(config.ray)
     started, timer = time.perf_counter(), StageTimer()
     result = method.run_method(config, data, run_root, options, timer)
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
         "run": run_root})
     print(f"[{STAGE}] validation, fully unsupervised (percent):\n{metrics_table({**result.rows, **result.baselines})}",
           flush=True)
-    if not args.no_report:
+    if not args.no_report and getattr(method, "REPORT", True):
         from lussray.report import write_report
 
         path = timer.run("report", write_report, config, data, run_root)

@@ -169,12 +169,27 @@ class SegmenterPredictor:
 
 
 class PredictionWriter:
-    """The ``map_batches`` callable class: a predictor per actor, PNGs out, evaluator statistics back."""
+    """The ``map_batches`` callable class: a predictor per actor, PNGs out, evaluator statistics back.
+
+    ``protocol="pixel"`` (scene data) sends back each image's (C, K) pixel confusion counts
+    (:func:`lussray.eval.pixel.confusion`, predictions are cluster ids 0..K-1, K = ``num_clusters``)
+    instead of the ImageNet-S evaluator's per-image statistics.
+    """
 
     def __init__(self, predictor_factory: Callable[..., Predictor], predictor_kwargs: dict[str, Any], out: str,
-                 num_classes: int, evaluate: bool) -> None:
+                 num_classes: int, evaluate: bool, protocol: str = "imagenet-s",
+                 num_clusters: int | None = None) -> None:
         self.predictor = predictor_factory(**predictor_kwargs)
         self.out, self.num_classes, self.evaluate = out, num_classes, evaluate
+        self.protocol, self.num_clusters = protocol, num_clusters or num_classes
+
+    def _pixel_counts(self, key: str, prediction: np.ndarray, gt: np.ndarray) -> bytes:
+        from lussray.eval.pixel import PixelLabelError, confusion
+
+        try:
+            return pickle.dumps(confusion(prediction, gt, self.num_classes, self.num_clusters))
+        except PixelLabelError as error:
+            raise UserError(f"cannot evaluate {key}: {error}") from error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from lussray.data.imagenet_s import label_to_png_bytes
@@ -190,7 +205,9 @@ class PredictionWriter:
             if prediction.shape != size:
                 raise RuntimeError(f"{key}: prediction is {prediction.shape}, the image {size}")
             storage.write_bytes_atomic(storage.join_under(self.out, f"{key}.png"), label_to_png_bytes(prediction))
-            if self.evaluate and gt is not None:
+            if self.evaluate and gt is not None and self.protocol == "pixel":
+                stats.append(self._pixel_counts(key, prediction, gt))
+            elif self.evaluate and gt is not None:
                 try:
                     stats.append(pickle.dumps(image_stats(prediction, gt, self.num_classes, key=key)))
                 except LabelError as error:
@@ -261,7 +278,8 @@ def run_pool(dataset: Any, factory: Callable[..., Any], factory_kwargs: dict[str
 
 
 def predict_split(config: LussConfig, data: str, split: str, out: str, predictor_factory: Callable[..., Predictor],
-                  predictor_kwargs: dict[str, Any], *, pool: Any, evaluate: bool, stage: str = STAGE) -> PoolResult:
+                  predictor_kwargs: dict[str, Any], *, pool: Any, evaluate: bool, stage: str = STAGE,
+                  protocol: str = "imagenet-s", num_clusters: int | None = None) -> PoolResult:
     """Write the predictions of ``split`` to ``out`` with an actor pool; collect evaluator statistics.
 
     Args:
@@ -274,10 +292,13 @@ def predict_split(config: LussConfig, data: str, split: str, out: str, predictor
         pool: the actor-pool config section (``predict`` or ``distmatch``).
         evaluate: compute statistics where the split has ground truth (ids must lie in 0..N).
         stage: the log prefix.
+        protocol: ``imagenet-s`` (the evaluator's per-image statistics) or ``pixel`` (a (C, K)
+            confusion matrix over the split, :class:`~lussray.eval.pixel.ConfusionAccumulator`).
+        num_clusters: K of the pixel protocol (default: ``dataset.num_classes``).
 
     Returns:
-        The keys written and a :class:`~lussray.eval.stats.StatsAccumulator` (None without
-        ground truth or without ``evaluate``).
+        The keys written and a :class:`~lussray.eval.stats.StatsAccumulator` (or, for the pixel
+        protocol, a ``ConfusionAccumulator``; None without ground truth or without ``evaluate``).
     """
     from lussray.data.ingest import evaluation_images
     from lussray.data.shards import read_manifest
@@ -286,7 +307,12 @@ def predict_split(config: LussConfig, data: str, split: str, out: str, predictor
     manifest = read_manifest(data, split)
     evaluate = evaluate and bool(manifest.get("has_segmentation"))
     num_classes = config.dataset.num_classes
-    accumulator = StatsAccumulator(num_classes) if evaluate else None
+    if protocol == "pixel":
+        from lussray.eval.pixel import ConfusionAccumulator
+
+        accumulator: Any = ConfusionAccumulator(num_classes, num_clusters or num_classes) if evaluate else None
+    else:
+        accumulator = StatsAccumulator(num_classes) if evaluate else None
     keys: list[str] = []
 
     def collect(batch: dict[str, np.ndarray]) -> None:
@@ -299,7 +325,7 @@ def predict_split(config: LussConfig, data: str, split: str, out: str, predictor
     seconds = run_pool(
         evaluation_images(data, split, config.ingest, config.dataset.eval_crop_size), PredictionWriter,
         {"predictor_factory": predictor_factory, "predictor_kwargs": predictor_kwargs, "out": out,
-         "num_classes": num_classes, "evaluate": evaluate},
+         "num_classes": num_classes, "evaluate": evaluate, "protocol": protocol, "num_clusters": num_clusters},
         pool, total=int(manifest["num_samples"]), what=split, stage=stage, output_rows=collect)
     return PoolResult(sorted(keys), accumulator, seconds)
 

@@ -25,7 +25,8 @@ PROBE = textwrap.dedent(
             imported.append(info.name)
     for name in ("lussray.data.imagenet_s", "lussray.data.augment", "lussray.clustering.lloyd", "lussray.data.fs4_views",
                  "lussray.data.cocostuff", "lussray.data.cityscapes", "lussray.data.synthetic_scenes",
-                 "lussray.data.picie_views", "lussray.completion", "lussray.pipelines"):
+                 "lussray.data.picie_views", "lussray.completion", "lussray.pipelines",
+                 "lussray.data.scene_views", "lussray.data.partners"):
         if present(name):
             importlib.import_module(name)
             imported.append(name)
