@@ -25,11 +25,10 @@ from lussray.errors import UserError
 DEFAULT_METHOD = "pass"
 
 # name -> the module that runs it
-METHOD_MODULES: dict[str, str] = {"pass": "lussray.pipelines.pass_"}
+METHOD_MODULES: dict[str, str] = {"pass": "lussray.pipelines.pass_", "picie": "lussray.pipelines.picie"}
 
 # name -> the issue that builds it (until then ``lussray run --method NAME`` says so)
 PLANNED_METHODS: dict[str, str] = {
-    "picie": "PiCIE on Ray: pixel clustering with invariance and equivariance, its k-means every epoch over the workers",
     "stego": "STEGO and HP (hidden positives) on frozen self-supervised features, distributed, with DINO ViT "
              "checkpoints from a file",
     "hp": "STEGO and HP (hidden positives) on frozen self-supervised features, distributed, with DINO ViT "
@@ -79,6 +78,7 @@ class RunOptions:
     crf: bool = False
     test: bool = False
     overwrite: bool = False
+    init: str | None = None  # PiCIE: the backbone checkpoint (default: PASS stage-1 pretraining runs first)
 
 
 @dataclass

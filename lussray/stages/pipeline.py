@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crf", action="store_true", help="also predict validation with dense-CRF refinement")
     parser.add_argument("--test", action="store_true", help="also predict the test split and pack its submission")
     parser.add_argument("--no-report", action="store_true", help="skip <run>/report.html")
+    parser.add_argument("--init", metavar="CHECKPOINT",
+                        help="PiCIE: the backbone, a lussray or torchvision checkpoint (default: PASS stage-1 "
+                        "pretraining runs first on the same data and PiCIE starts from it)")
 
 
 def run(args: argparse.Namespace, config: LussConfig) -> int:
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     if not args.data or not args.run:
         raise UserError("--data DIR (shards of `lussray prepare`) and --run DIR are required")
     data, run_root = storage.absolute(args.data), storage.absolute(args.run)
-    options = RunOptions(baselines=args.baselines, crf=args.crf, test=args.test, overwrite=args.overwrite)
+    options = RunOptions(baselines=args.baselines, crf=args.crf, test=args.test, overwrite=args.overwrite,
+                         init=storage.absolute(args.init) if args.init else None)
     init_ray(config.ray)
     started, timer = time.perf_counter(), StageTimer()
     result = method.run_method(config, data, run_root, options, timer)
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
         "run": run_root})
     print(f"[{STAGE}] validation, fully unsupervised (percent):\n{metrics_table({**result.rows, **result.baselines})}",
           flush=True)
-    if not args.no_report:
+    if not args.no_report and getattr(method, "REPORT", True):
         from lussray.report import write_report
 
         path = timer.run("report", write_report, config, data, run_root)
