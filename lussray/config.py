@@ -378,6 +378,8 @@ class PiCIEConfig:
     balance: str = one_of("frequency", ("frequency", "none"))  # CE class weights (the reference: frequencies)
     mse: bool = False  # the reference's --mse term between the two views' features
     kmeans_iterations: int = ranged(20, 1)  # Lloyd iterations of every epoch's k-means (reference KM_ITER)
+    # seeding of every epoch's k-means: k-means++ (lussray), or random rows as the reference's faiss
+    kmeans_init: str = one_of("kmeans++", ("kmeans++", "random"))
     # images of each epoch whose pixels enter its k-means (0: all); the reference's 20 init batches x 256
     kmeans_images: int = ranged(5120, 0)
     kmeans_pixels_per_image: int = ranged(640, 1)  # pixels of each such image and view (of 80 x 80 at res1 320)

@@ -60,9 +60,10 @@ The epoch's clustering in lussray (:func:`cluster_epoch`, run by the training wo
 the start of every epoch): (a) a pass over the first batches of each worker's part of the epoch
 embeds both views and keeps ``pixels_per_image`` random pixels of every image (drawn from the
 image's own generator, :func:`lussray.seeds.sample_rng`), then Lloyd iterations (:func:`kmeans`)
-run on these samples with the statistics all-reduced, from initial rows drawn out of the union of
-the samples (:func:`init_centroids_global`): the k-means a single process would run on the
-concatenated samples, with no process holding more than its own; (b) a second pass over all
+run on these samples with the statistics all-reduced, from k-means++ seeds drawn out of the union
+of the samples (:func:`init_centroids_plusplus`; the reference's random rows with ``init="random"``,
+:func:`init_centroids_global`): the k-means a single process would run on the concatenated
+samples, with no process holding more than its own; (b) a second pass over all
 batches of the epoch assigns every pixel of both views to its nearest centroid; the labels stay in
 the worker's memory keyed by sample key (:class:`EpochClusters`). Why a sample instead of the
 reference's initial batches + one mini-batch update per later batch: a few hundred random pixels
@@ -372,6 +373,78 @@ def init_centroids_global(features: Tensor, k: int, generator: torch.Generator, 
     return out.float()
 
 
+def _gather_scalar(value: Tensor, group: object | None) -> list[float]:
+    """Every worker's value of a float64 scalar tensor, in rank order."""
+    if not _distributed(group):
+        return [float(value)]
+    values = [torch.zeros_like(value) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(values, value, group=group)
+    return [float(v) for v in values]
+
+
+def _pick_row(features: Tensor, weights: Tensor, generator: torch.Generator, group: object | None) -> Tensor:
+    """One row of the union drawn with probability proportional to ``weights`` (uniform if they sum to 0)."""
+    sizes = _gather_scalar(torch.tensor(float(len(features)), dtype=torch.float64, device=features.device), group)
+    sums = _gather_scalar(weights.sum(), group)
+    rank = torch.distributed.get_rank(group) if _distributed(group) else 0
+    draw = float(torch.rand(1, generator=generator, dtype=torch.float64))
+    totals = sums if sum(sums) > 0 else sizes  # all rows on the centroids already: uniform
+    target, owner = draw * sum(totals), len(totals) - 1
+    for index, total in enumerate(totals):
+        if target < total:
+            owner = index
+            break
+        target -= total
+    row = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
+    if rank == owner and len(features):
+        local = weights.cumsum(0) if sum(sums) > 0 else torch.arange(1, len(features) + 1, device=features.device,
+                                                                        dtype=torch.float64)
+        index = min(int(torch.searchsorted(local, torch.tensor([target], dtype=torch.float64,
+                                                                device=features.device), right=True)),
+                    len(features) - 1)
+        row = features[index].double()
+    if _distributed(group):
+        torch.distributed.all_reduce(row, group=group)
+    return row.float()
+
+
+def init_centroids_plusplus(features: Tensor, k: int, generator: torch.Generator,
+                            group: object | None = None) -> Tensor:
+    """k-means++ seeding over the union of the workers' features, the same on every worker.
+
+    The first centroid is a uniform row, each next one a row drawn with probability proportional
+    to its squared distance to the nearest centroid so far (Arthur & Vassilvitskii, 2007). Workers
+    exchange only their distance sums and the chosen row, so the draw is the one a single process
+    makes on the concatenated rows (up to float64 summation order).
+
+    Args:
+        features: (N_r, D) rows of this worker.
+        k: Number of clusters.
+        generator: A CPU generator seeded identically on every worker.
+        group: Process group (None: the default group).
+
+    Returns:
+        (K, D) float32 on the features' device.
+
+    Raises:
+        ValueError: If all workers together hold fewer than K rows.
+    """
+    total = sum(_gather_scalar(torch.tensor(float(len(features)), dtype=torch.float64, device=features.device), group))
+    if total < k:
+        raise ValueError(f"cannot initialise {k} centroids from {int(total)} points")
+    x = features.double()
+    rows = [_pick_row(features, torch.zeros(len(features), dtype=torch.float64, device=features.device), generator,
+                      group)]
+    nearest = ((x - rows[0].double()) ** 2).sum(1)
+    for _ in range(1, k):
+        rows.append(_pick_row(features, nearest, generator, group))
+        nearest = torch.minimum(nearest, ((x - rows[-1].double()) ** 2).sum(1))
+    return torch.stack(rows)
+
+
+KMEANS_INITS = ("kmeans++", "random")
+
+
 def kmeans(
     features: Tensor,
     k: int,
@@ -379,9 +452,10 @@ def kmeans(
     iterations: int,
     generator: torch.Generator,
     spherical: bool = True,
+    init: str = "kmeans++",
     group: object | None = None,
 ) -> tuple[Tensor, list[float]]:
-    """Eq. (1) over the union of the workers' features: global random initial rows, then Lloyd.
+    """Eq. (1) over the union of the workers' features: global initial centroids, then Lloyd.
 
     Every worker calls it with its own rows and an identically seeded generator and gets the
     centroids a single process gets on the concatenated rows (up to float64 summation order).
@@ -392,12 +466,20 @@ def kmeans(
         iterations: Lloyd iterations.
         generator: Seeded CPU generator of the initial rows (the same on every worker).
         spherical: Cosine k-means (see :func:`assign`).
+        init: ``"kmeans++"`` (:func:`init_centroids_plusplus`) or ``"random"`` rows
+            (:func:`init_centroids_global`, the reference's faiss initialisation).
         group: Process group of the workers (None: the default group).
 
     Returns:
         ``(centroids, objectives)`` as :func:`lloyd`.
+
+    Raises:
+        ValueError: On an unknown ``init``.
     """
-    centroids = init_centroids_global(features, k, generator, group)
+    if init not in KMEANS_INITS:
+        raise ValueError(f"init must be one of {KMEANS_INITS}, got {init!r}")
+    seeding = init_centroids_plusplus if init == "kmeans++" else init_centroids_global
+    centroids = seeding(features, k, generator, group)
     return lloyd(features, centroids, iterations, spherical, reduce=partial(all_reduce_stats, group=group))
 
 
@@ -746,6 +828,7 @@ def cluster_epoch(
     sample_batches: int | None = None,
     spherical: bool = True,
     balance: str = "frequency",
+    init: str = "kmeans++",
     group: object | None = None,
 ) -> EpochClusters:
     """One epoch's clustering on this worker: k-means over a pixel sample, then every pixel's label.
@@ -766,6 +849,7 @@ def cluster_epoch(
         sample_batches: Batches of pass (a) per worker (None: all of them).
         spherical: Cosine k-means and assignment.
         balance: Class weights of the loss (:func:`class_weights`).
+        init: Seeding of every k-means (:func:`kmeans`).
         group: Process group (None: the default one, when initialised).
 
     Returns:
@@ -782,7 +866,7 @@ def cluster_epoch(
             generator = torch.Generator().manual_seed(derived_seed(seed, "picie-kmeans", str(epoch), str(head),
                                                                    str(view)))
             found, history = kmeans(sample, k, iterations=iterations, generator=generator, spherical=spherical,
-                                    group=group)
+                                    init=init, group=group)
             head_centroids.append(found.cpu())
             head_objectives.append(history[-1] if history else float("nan"))
         centroids.append(head_centroids)
@@ -818,6 +902,7 @@ __all__ = [
     "flatten_pixels",
     "init_centroids",
     "init_centroids_global",
+    "init_centroids_plusplus",
     "kmeans",
     "label_counts",
     "label_dtype",

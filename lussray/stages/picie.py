@@ -124,6 +124,7 @@ class PiCIEMethod:
         balance: Cross-entropy class weights.
         mse: The reference's ``--mse`` term.
         kmeans_iterations: Lloyd iterations per epoch and view.
+        kmeans_init: Seeding of every k-means (``kmeans++`` or ``random``).
         kmeans_pixels_per_image: Pixels per sampled image and view.
         kmeans_batches: Batches per worker whose pixels are sampled (None: all of the epoch).
         stage: The stage's name (log prefix, network seed).
@@ -139,6 +140,7 @@ class PiCIEMethod:
     balance: str = "frequency"
     mse: bool = False
     kmeans_iterations: int = 20
+    kmeans_init: str = "kmeans++"
     kmeans_pixels_per_image: int = 640
     kmeans_batches: int | None = None
     stage: str = STAGE
@@ -200,7 +202,7 @@ class PiCIEMethod:
                 lambda: self._embedded(network, state.epoch_batches(state.epoch)), self.num_clusters,
                 epoch=state.epoch, seed=self.seed, iterations=self.kmeans_iterations,
                 pixels_per_image=self.kmeans_pixels_per_image, sample_batches=self.kmeans_batches,
-                spherical=self.spherical, balance=self.balance)
+                spherical=self.spherical, balance=self.balance, init=self.kmeans_init)
         finally:
             network.train(training)
         self._state.clusters = clusters
@@ -281,6 +283,7 @@ def method_kwargs(config: LussConfig, init: str | None, *, stage: str, kmeans_ba
     return {"arch": config.pretrain.arch, "width": cfg.fpn_width, "num_clusters": num_clusters(config),
             "init_checkpoint": init, "seed": config.seed, "base_size": cfg.base_size, "spherical": cfg.spherical,
             "balance": cfg.balance, "mse": cfg.mse, "kmeans_iterations": cfg.kmeans_iterations,
+            "kmeans_init": cfg.kmeans_init,
             "kmeans_pixels_per_image": cfg.kmeans_pixels_per_image, "kmeans_batches": kmeans_batches, "stage": stage}
 
 

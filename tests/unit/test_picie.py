@@ -354,3 +354,18 @@ def test_distributed_clustering_of_two_gloo_workers_equals_one_process(tmp_path)
         assert torch.equal(part.lookup(part.keys), single.lookup(part.keys))  # every pixel, by key
         labelled += len(part.keys)
     assert labelled == len(single.keys) == 8
+
+
+def test_kmeanspp_seeds_are_distinct_rows_spread_over_the_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = picie.normalize(torch.randn(4, 6, generator=gen)) * 10
+    x = torch.cat([centres[j] + 0.01 * torch.randn(50, 6, generator=gen) for j in range(4)])
+    seeds = picie.init_centroids_plusplus(x, 4, torch.Generator().manual_seed(1))
+    rows = {tuple(r.tolist()) for r in x}
+    assert all(tuple(s.tolist()) in rows for s in seeds)
+    owners = {int(((centres - s) ** 2).sum(1).argmin()) for s in seeds}
+    assert owners == {0, 1, 2, 3}  # one seed per far-apart cluster (random rows rarely manage it)
+    identical = picie.init_centroids_plusplus(torch.ones(5, 3), 3, torch.Generator().manual_seed(0))
+    assert torch.equal(identical, torch.ones(3, 3))  # zero distances: uniform draws, no error
+    with pytest.raises(ValueError, match="init must be one of"):
+        picie.kmeans(x, 2, iterations=1, generator=torch.Generator(), init="farthest")
