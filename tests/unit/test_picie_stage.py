@@ -34,11 +34,13 @@ def _no_pass(epoch):
 def test_epoch_hook_labels_the_epoch_and_the_step_trains_on_them():
     method = picie.PiCIEMethod(**KWARGS)
     model = method.build_model()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
     method.before_epoch(model, _state(0, 0))
     clusters = method.state_module().clusters
     assert clusters.epoch == 0 and clusters.keys == ["k0", "k1", "k2", "k3"]
     assert clusters.labels.shape == (4, 2, 2, 8, 8)  # images, heads (3 and 5), views, 32 / 4
-    assert model.training  # the clustering passes ran in eval mode and gave the model back in train mode
+    # the passes ran on batch statistics and left the running statistics as they were
+    assert model.training and all(torch.equal(before[name], b) for name, b in model.named_buffers())
     batch = _batches(0)[1]
     loss, terms = method.training_step(model, batch, _state(1, 0))
     loss.backward()
