@@ -385,6 +385,9 @@ class PiCIEConfig:
     kmeans_pixels_per_image: int = ranged(640, 1)  # pixels of each such image and view (of 80 x 80 at res1 320)
     schedule: str = one_of("constant", ("constant", "cosine"))  # Adam's lr: loop.base_lr, or cosine to final_lr
     crf_alpha: float = ranged(10.0, above=0)  # --crf: probabilities softmax(alpha * cosine to the centroids)
+    # initial_kmeans baseline: training images whose evaluation views re-estimate the untrained
+    # network's BN statistics (0: keep the checkpoint's, e.g. a random network's mean 0 / variance 1)
+    initial_bn_images: int = ranged(256, 0)
     cluster: PiCIEClusterConfig = field(default_factory=PiCIEClusterConfig)
     # The reference: Adam lr 1e-4, no weight decay, batch 128 (64 per worker on 2), 10 epochs.
     loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(

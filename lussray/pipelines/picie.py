@@ -17,8 +17,8 @@ Baselines (``--baselines``), same validation images, same protocol:
 - ``random_backbone``: the same pipeline (PiCIE training, final k-means, prediction) from a random
   initialisation instead of the pretrained backbone (``<run>/baselines/random-backbone``);
 - ``initial_kmeans``: the final k-means and prediction of the untrained network PiCIE starts from
-  (the same backbone and seeded decoder), i.e. what PiCIE's training adds
-  (``<run>/baselines/initial-kmeans``).
+  (the same backbone and seeded decoder, its BN statistics re-estimated on training images seen as
+  validation is), i.e. what PiCIE's training adds (``<run>/baselines/initial-kmeans``).
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def initial_kmeans(config: LussConfig, data: str, run: str, init: str | None, *,
     """The baseline of the untrained network: its final k-means and predictions, no PiCIE training."""
     root = storage.join(run, BASELINES, "initial-kmeans")
     backbone = picie.resolve_init(run, init)
-    checkpoint = timer.run("baseline initial_kmeans (network)", picie.initial_checkpoint, config, run, backbone,
-                           root, overwrite=overwrite)
+    checkpoint = timer.run("baseline initial_kmeans (network)", picie.initial_checkpoint, config, data, run,
+                           backbone, root, overwrite=overwrite)
     timer.run("baseline initial_kmeans (k-means)", picie.cluster, config, data, root, checkpoint=checkpoint,
               overwrite=overwrite)
     return timer.run("baseline initial_kmeans (predict)", picie.predict, config, data, root, checkpoint=checkpoint,

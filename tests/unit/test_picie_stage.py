@@ -82,3 +82,28 @@ def test_config_rules_and_training_keys():
     cocostuff = load_config("cocostuff27", method="picie")
     assert cocostuff.picie.loop.base_lr == 1e-4 and cocostuff.picie.num_clusters == 27
     assert load_config("cityscapes27", method="picie").picie.loop.base_lr == 1e-3
+
+
+def test_commands_take_picie_layers_and_trailing_overrides(capsys):
+    from lussray.cli import main
+
+    assert main(["picie", "train", "--dataset", "synthetic-scenes", "--init", "random", "--dry-run",
+                 "picie.loop.epochs=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "base_size: 128" in printed and "epochs: 3" in printed  # picie/synthetic-scenes.yaml, then the override
+    assert main(["predict", "--method", "picie", "--split", "validation", "--dataset", "synthetic-scenes",
+                 "--dry-run"]) == 0
+    assert "base_size: 128" in capsys.readouterr().out
+    assert main(["predict", "--split", "validation", "--dataset", "synthetic-scenes", "--dry-run"]) == 0
+    assert "base_size: 640" in capsys.readouterr().out  # --method pass: no PiCIE layers
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own exit 2
+        main(["picie", "train", "--dataset", "synthetic-scenes", "--dry-run", "notakey"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: notakey" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_dataset_without_the_pixel_protocol(tmp_path, capsys):
+    from lussray.cli import main
+
+    assert main(["predict", "--method", "picie", "--split", "validation", "--data", str(tmp_path), "--run",
+                 str(tmp_path / "run")]) == 2
+    assert "pixel protocol" in capsys.readouterr().err
