@@ -41,7 +41,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "semisup": ("lussray.stages.semisup", "semi-supervised protocol (fine-tune on train-semi ground truth)"),
     "fs4": ("lussray.stages.fs4", "FS^4's own stages: `fs4 labels`, pyramid pseudo labels with active selection"),
     "evaluate": ("lussray.eval.evaluate", "score predictions as the official ImageNet-S evaluator does"),
+    "picie": ("lussray.stages.picie", "PiCIE: training with its k-means every epoch (train), the final k-means (cluster)"),
 }
+
+# commands whose --method flag chooses the method (and so the config layers)
+METHOD_FLAG_COMMANDS = ("run", "predict")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,11 +94,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def config_method(args: argparse.Namespace) -> str:
-    """The method whose layers apply: ``lussray run --method``, a command module's ``CONFIG_METHOD``, else PASS."""
+    """The method whose config layers apply: ``--method`` of ``lussray run`` / ``predict``, a method's own
+    command's ``CONFIG_METHOD`` (``lussray picie``, ``lussray fs4``), else PASS."""
     from lussray.pipelines import DEFAULT_METHOD, method_module
 
-    name = getattr(args, "method", None) or DEFAULT_METHOD
-    if args.command == "run":
+    if args.command in METHOD_FLAG_COMMANDS:
+        name = getattr(args, "method", None) or DEFAULT_METHOD
         method_module(name)  # an unknown or unbuilt method is refused before any config work
         return name
     # a method's own command (``lussray fs4 labels``) resolves with that method's layers
@@ -105,7 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lussray`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((token for token in argv if token in COMMANDS), "")
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    # argparse gives a command's own positional (`lussray picie train`) and the trailing overrides
+    # in one go, so overrides after an option come back unparsed: they are overrides all the same
+    args, extra = parser.parse_known_args(argv)
+    unknown = [token for token in extra if token.startswith("-") or "=" not in token]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

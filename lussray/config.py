@@ -401,6 +401,63 @@ class DistmatchConfig:
 
 
 @dataclass(frozen=True)
+class PiCIEClusterConfig:
+    """PiCIE's k-means after training (``lussray picie cluster``): the centroids predictions use.
+
+    As the reference's final evaluation, a fresh k-means of the trained network's pixel features
+    of the training images, seen as validation is (``ingest.eval_short_side`` + ``dataset.eval_crop_size``,
+    no augmentation); the embedding pass uses the ``predict`` actor-pool settings.
+    """
+
+    pixels_per_image: int = ranged(100, 1)  # random pixels of every training image's feature map
+    iterations: int = ranged(30, 1)  # Lloyd iterations per redo
+    redo: int = ranged(1, 1)  # restarts; the lowest objective wins
+    kmeans_actors: int = ranged(2, 1)  # actors holding the pixel embeddings (lussray.clustering.kmeans)
+    cpus_per_actor: float = ranged(1.0, above=0)  # of each k-means actor (also its faiss threads)
+    gpus_per_actor: float = ranged(0.0, 0)  # > 0: faiss GPU search in each k-means actor
+
+
+@dataclass(frozen=True)
+class PiCIEConfig:
+    """PiCIE (``lussray picie train|cluster``, ``lussray run --method picie``); configs/method/picie.yaml.
+
+    The backbone is ``pretrain.arch`` (its PASS stage-1 checkpoint initialises it in ``lussray run``).
+    Views (lussray.data.picie_views): the base image is the shorter side resized to ``base_size``
+    and centre-cropped (the reference's res2, 640), both network inputs are ``crop_size`` (res1, 320).
+    """
+
+    num_clusters: Optional[int] = ranged(None, 1)  # K; None: dataset.num_classes (27 on COCO-Stuff-27)
+    overcluster_k: int = ranged(0, 0)  # "PiCIE + H": K of a second, over-clustering head (0: none)
+    fpn_width: Optional[int] = ranged(None, 1)  # None: the reference's (128 for R18/34, 256 for R50)
+    base_size: int = ranged(640, 16)  # res2: side of the base image the crop box lives in
+    crop_size: int = ranged(320, 16)  # res1: side of both network inputs; features are crop_size / 4
+    min_scale: float = ranged(0.5, above=0, high=1)  # smallest crop side as a fraction of the base side
+    flip_p: float = ranged(0.5, 0, 1)
+    jitter: list[float] = ranged(factory=lambda: [0.3, 0.3, 0.3, 0.1], low=0, high=1)  # brightness..hue
+    jitter_p: float = ranged(0.8, 0, 1)  # probability of each jitter operation
+    grayscale_p: float = ranged(0.2, 0, 1)
+    blur_p: float = ranged(0.5, 0, 1)  # sigma uniform in [0.1, 2.0]
+    spherical: bool = True  # cosine centroids; false: the reference's raw means and squared-L2 labels
+    balance: str = one_of("frequency", ("frequency", "none"))  # CE class weights (the reference: frequencies)
+    mse: bool = False  # the reference's --mse term between the two views' features
+    kmeans_iterations: int = ranged(20, 1)  # Lloyd iterations of every epoch's k-means (reference KM_ITER)
+    # seeding of every epoch's k-means: k-means++ (lussray), or random rows as the reference's faiss
+    kmeans_init: str = one_of("kmeans++", ("kmeans++", "random"))
+    # images of each epoch whose pixels enter its k-means (0: all); the reference's 20 init batches x 256
+    kmeans_images: int = ranged(5120, 0)
+    kmeans_pixels_per_image: int = ranged(640, 1)  # pixels of each such image and view (of 80 x 80 at res1 320)
+    schedule: str = one_of("constant", ("constant", "cosine"))  # Adam's lr: loop.base_lr, or cosine to final_lr
+    crf_alpha: float = ranged(10.0, above=0)  # --crf: probabilities softmax(alpha * cosine to the centroids)
+    # initial_kmeans baseline: training images whose evaluation views re-estimate the untrained
+    # network's BN statistics (0: keep the checkpoint's, e.g. a random network's mean 0 / variance 1)
+    initial_bn_images: int = ranged(256, 0)
+    cluster: PiCIEClusterConfig = field(default_factory=PiCIEClusterConfig)
+    # The reference: Adam lr 1e-4, no weight decay, batch 128 (64 per worker on 2), 10 epochs.
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(
+        batch_size_per_worker=64, epochs=10, base_lr=1e-4, final_lr=1e-4, weight_decay=0.0))
+
+
+@dataclass(frozen=True)
 class SemisupConfig:
     """Semi-supervised protocol: fine-tuning on train-semi ground truth (ignore 1000)."""
 
@@ -553,6 +610,7 @@ class LussConfig:
     fs4: FS4Config = field(default_factory=FS4Config)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    picie: PiCIEConfig = field(default_factory=PiCIEConfig)
     distmatch: DistmatchConfig = field(default_factory=DistmatchConfig)
     semisup: SemisupConfig = field(default_factory=SemisupConfig)
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)

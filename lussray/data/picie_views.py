@@ -22,9 +22,10 @@ what lussray does:
   (:func:`make_views`); view 2 = P2 on the base image resized to ``res1``; the worker embeds both
   and applies the crop and flip to view 2's feature map with :func:`apply_crop`.
 
-All random parameters of an image come from :func:`view_rng` (seed, epoch, sample key), so the
-clustering pass and the training pass of an epoch see the same views without storing them (the
-reference pre-draws them per index every epoch, ``reshuffle``).
+All random parameters of an image come from the generator the training stream gives every sample
+(:func:`lussray.seeds.sample_rng` of seed, stage, epoch and sample key; :func:`views_batch` is the
+stream's batch function), so the clustering passes and the training pass of an epoch see the same
+views without storing them (the reference pre-draws them per index every epoch, ``reshuffle``).
 
 Deliberate deviations from the reference:
 
@@ -54,7 +55,6 @@ References:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +71,7 @@ from lussray.data.augment import (
     adjust_hue,
     adjust_saturation,
     center_crop,
+    decode_image,
     resize_shorter_side,
     resized_crop,
 )
@@ -113,26 +114,6 @@ class ViewParams:
     photometric: tuple[PhotometricParams, PhotometricParams]
     crop: CropBox
     base_size: tuple[int, int]
-
-
-def view_rng(seed: int, epoch: int, key: int | str) -> np.random.Generator:
-    """The generator of one image's views in one epoch.
-
-    The same (seed, epoch, key) always gives the same stream, in any process, so clustering and
-    training passes draw identical views; another epoch gives new views, as the reference's
-    per-epoch ``reshuffle``.
-
-    Args:
-        seed: The run's seed.
-        epoch: Epoch index.
-        key: Sample index or sample key (strings are hashed with SHA-256).
-
-    Returns:
-        A fresh ``numpy.random.Generator``.
-    """
-    if isinstance(key, str):
-        key = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(key)]))
 
 
 def sample_photometric(
@@ -256,7 +237,7 @@ def sample_view_params(
     """Draw P1, P2 and G for one base image of ``height`` x ``width`` (in that order).
 
     Args:
-        rng: Source of randomness, e.g. :func:`view_rng`.
+        rng: Source of randomness: the sample's generator (:func:`lussray.seeds.sample_rng`).
         height: Base image height.
         width: Base image width.
         min_side: See :func:`sample_crop`.
@@ -304,6 +285,54 @@ def make_views(image: np.ndarray, params: ViewParams, size: int) -> tuple[np.nda
     full = CropBox(0.0, 0.0, float(height), float(width))
     view2 = resized_crop(apply_photometric(image, params.photometric[1]), full, size)
     return view1, view2
+
+
+def views_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    rngs: Sequence[np.random.Generator],
+    base_size: int,
+    crop_size: int,
+    min_side: float = 0.5,
+    flip_p: float = 0.5,
+    jitter: Sequence[float] = JITTER,
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    blur_p: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """The batch function of PiCIE's training stream: both views of every image and its crop box.
+
+    Runs in Ray Data tasks (numpy in, numpy out): every JPEG is decoded, made the base image
+    (:func:`base_image`), and its P1, P2 and G are drawn from its own generator
+    (:func:`sample_view_params`), so any pass over an epoch gets the same views.
+
+    Args:
+        batch: ``jpg`` bytes per row (plus ``__key__`` and ``__epoch__``, unused here).
+        rngs: One generator per row.
+        base_size: Side of the base image (``res2``).
+        crop_size: Side of both network inputs (``res1``).
+        min_side: See :func:`sample_crop`.
+        flip_p: See :func:`sample_crop`.
+        jitter: See :func:`sample_photometric`.
+        jitter_p: See :func:`sample_photometric`.
+        grayscale_p: See :func:`sample_photometric`.
+        blur_p: See :func:`sample_photometric`.
+
+    Returns:
+        ``view1`` and ``view2`` uint8 (B, S, S, 3) and ``boxes`` float32 (B, 5): G in base-image
+        pixels (:meth:`~lussray.data.augment.CropBox.as_array`), for :func:`apply_crop` on
+        view 2's feature map.
+    """
+    view1, view2, boxes = [], [], []
+    for data, rng in zip(batch["jpg"], rngs):
+        image = base_image(decode_image(data, draft_size=base_size), base_size)  # a shorter-side resize follows
+        params = sample_view_params(rng, base_size, base_size, min_side=min_side, flip_p=flip_p, jitter=jitter,
+                                    jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p)
+        first, second = make_views(image, params, crop_size)
+        view1.append(first)
+        view2.append(second)
+        boxes.append(params.crop.as_array())
+    return {"view1": np.stack(view1), "view2": np.stack(view2), "boxes": np.stack(boxes).astype(np.float32)}
 
 
 def crop_grid(boxes: Tensor | np.ndarray, base_size: tuple[int, int], out_size: int) -> Tensor:
@@ -376,5 +405,5 @@ __all__ = [
     "sample_crop",
     "sample_photometric",
     "sample_view_params",
-    "view_rng",
+    "views_batch",
 ]

@@ -25,6 +25,14 @@ sections 1.4 and 1.6), and its options:
 - logits = ``<normalize(f), c>``, frozen 1x1 convolutions holding the centroids, no bias, no
   temperature; ``loss = (L_cross / 2 + L_within / 2) / 2``, i.e. the paper's L / 4 with every
   term a mean over pixels. lussray keeps these means.
+
+The scale of :func:`picie_loss` (settled): it returns the reference's value, the mean of the four
+per-pixel-mean cross-entropies, which is ``L_p / 4`` with ``L_p = L_within + L_cross`` the paper's
+sum (:data:`PAPER_LOSS_FACTOR` = 4). PiCIE's learning rates (Adam 1e-4, 1e-3 on Cityscapes) were
+tuned on this scale, so lussray trains on it. A method that adds a loss to PiCIE's at the paper's
+scale (FS^4's Eq. 5, ``L = L_w + L_p``) multiplies by :data:`PAPER_LOSS_FACTOR`; keeping the
+reference's scale instead means weighting L_w by 1/4 against the paper: either way the choice
+must be stated where the sum is formed.
 - ``balance`` (reference default; off with ``--no_balance``): the cross-entropy of a view is
   weighted by its cluster *frequencies* ``counts / counts.sum()`` (not inverse frequencies; see
   :func:`class_weights`), as torch's weighted mean.
@@ -48,25 +56,57 @@ Distribution: per-cluster sums and counts are additive over disjoint sets of pix
 compute :class:`ClusterStats` on their own pixels and :func:`all_reduce_stats` combines them; the
 update is then the one a single process would make on all pixels.
 
+The epoch's clustering in lussray (:func:`cluster_epoch`, run by the training workers themselves at
+the start of every epoch): (a) a pass over the first batches of each worker's part of the epoch
+embeds both views and keeps ``pixels_per_image`` random pixels of every image (drawn from the
+image's own generator, :func:`lussray.seeds.sample_rng`), then Lloyd iterations (:func:`kmeans`)
+run on these samples with the statistics all-reduced, from k-means++ seeds drawn out of the union
+of the samples (:func:`init_centroids_plusplus`; the reference's random rows with ``init="random"``,
+:func:`init_centroids_global`): the k-means a single process would run on the concatenated
+samples, with no process holding more than its own; (b) a second pass over all
+batches of the epoch assigns every pixel of both views to its nearest centroid; the labels stay in
+the worker's memory keyed by sample key (:class:`EpochClusters`). Why a sample instead of the
+reference's initial batches + one mini-batch update per later batch: a few hundred random pixels
+per image from a few thousand random images estimate the centroids about as well as all pixels
+(neighbouring pixels are nearly copies), full Lloyd iterations on them converge where the single
+pass of running means does not, and the pass (a) covers only the sampled images, so an epoch's
+clustering costs one forward pass over the epoch (b) plus a fraction of one, where the reference
+makes two full passes. Memory of pass (a) at COCO-Stuff scale: the reference's 20 x 256 images
+with 640 of their 6,400 pixels each per view is 3.3M x 128 x 4 B = 1.7 GB per view for all
+workers together (210 MB per view on each of 8 workers), against the reference's 16.8 GB init
+buffer in one process; the labels of pass (b) are 49,629 x 2 x 6,400 B = 635 MB (uint8) for all
+workers together.
+
 References:
     - [0]: PiCIE, Cho et al., CVPR 2021, arXiv:2103.17070.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lussray.clustering.lloyd import PartialStats, update_centroids
+from lussray.seeds import derived_seed, sample_rng, stage_salt
 
 #: Rows per chunk in nearest-centroid searches (bounds the (chunk, K) score matrix).
 ASSIGN_CHUNK_ROWS = 65536
 
 BALANCE_MODES = ("frequency", "none")
+
+#: :func:`picie_loss` is the paper's ``L_p = L_within + L_cross`` divided by this (the reference's scale).
+PAPER_LOSS_FACTOR = 4.0
+
+#: Salt of the per-image generators that choose the pixels of an epoch's k-means sample.
+SAMPLE_SALT = stage_salt("picie-kmeans-pixels")
 
 
 # -- k-means ------------------------------------------------------------------------------------
@@ -279,6 +319,192 @@ def lloyd(
     return centroids, objectives
 
 
+def _distributed(group: object | None = None) -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_over_workers(tensor: Tensor, group: object | None = None) -> Tensor:
+    """The sum of a CPU tensor over the workers (through the GPU where the backend is nccl)."""
+    if not _distributed(group):
+        return tensor
+    on_gpu = torch.distributed.get_backend(group) == "nccl"
+    work = tensor.cuda() if on_gpu else tensor
+    torch.distributed.all_reduce(work, group=group)
+    return work.cpu() if on_gpu else work
+
+
+def init_centroids_global(features: Tensor, k: int, generator: torch.Generator, group: object | None = None) -> Tensor:
+    """K distinct random rows of the union of the workers' features, the same on every worker.
+
+    The union is the workers' rows concatenated in rank order; the generator (seeded alike on
+    every worker) draws K of its row indices, each worker fills in the rows it holds, and a sum
+    over the workers completes the matrix. In a single process (or without an initialised
+    process group) this is :func:`init_centroids` of ``features``.
+
+    Args:
+        features: (N_r, D) rows of this worker (N_r may differ between workers).
+        k: Number of clusters.
+        generator: A CPU ``torch.Generator`` seeded identically on every worker.
+        group: Process group (None: the default group).
+
+    Returns:
+        (K, D) float32 on the features' device.
+
+    Raises:
+        ValueError: If all workers together hold fewer than K rows.
+    """
+    count = torch.tensor([len(features)], dtype=torch.long, device=features.device)
+    if _distributed(group):
+        counts = [torch.zeros_like(count) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(counts, count, group=group)
+        sizes = [int(c) for c in counts]
+        offset = sum(sizes[: torch.distributed.get_rank(group)])
+    else:
+        sizes, offset = [len(features)], 0
+    total = sum(sizes)
+    if total < k:
+        raise ValueError(f"cannot initialise {k} centroids from {total} points")
+    rows = torch.randperm(total, generator=generator)[:k].to(features.device)
+    mine = (rows >= offset) & (rows < offset + len(features))
+    out = torch.zeros(k, features.shape[1], dtype=torch.float64, device=features.device)
+    out[mine] = features[rows[mine] - offset].double()
+    if _distributed(group):
+        torch.distributed.all_reduce(out, group=group)
+    return out.float()
+
+
+def _gather_scalar(value: Tensor, group: object | None) -> list[float]:
+    """Every worker's value of a float64 scalar tensor, in rank order."""
+    if not _distributed(group):
+        return [float(value)]
+    values = [torch.zeros_like(value) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(values, value, group=group)
+    return [float(v) for v in values]
+
+
+def _pick_row(features: Tensor, weights: Tensor, generator: torch.Generator, group: object | None) -> Tensor:
+    """One row of the union drawn with probability proportional to ``weights`` (uniform if they sum to 0)."""
+    sizes = _gather_scalar(torch.tensor(float(len(features)), dtype=torch.float64, device=features.device), group)
+    sums = _gather_scalar(weights.sum(), group)
+    rank = torch.distributed.get_rank(group) if _distributed(group) else 0
+    draw = float(torch.rand(1, generator=generator, dtype=torch.float64))
+    totals = sums if sum(sums) > 0 else sizes  # all rows on the centroids already: uniform
+    target, owner = draw * sum(totals), len(totals) - 1
+    for index, total in enumerate(totals):
+        if target < total:
+            owner = index
+            break
+        target -= total
+    row = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
+    if rank == owner and len(features):
+        local = weights.cumsum(0) if sum(sums) > 0 else torch.arange(1, len(features) + 1, device=features.device,
+                                                                        dtype=torch.float64)
+        index = min(int(torch.searchsorted(local, torch.tensor([target], dtype=torch.float64,
+                                                                device=features.device), right=True)),
+                    len(features) - 1)
+        row = features[index].double()
+    if _distributed(group):
+        torch.distributed.all_reduce(row, group=group)
+    return row.float()
+
+
+def init_centroids_plusplus(features: Tensor, k: int, generator: torch.Generator,
+                            group: object | None = None) -> Tensor:
+    """k-means++ seeding over the union of the workers' features, the same on every worker.
+
+    The first centroid is a uniform row, each next one a row drawn with probability proportional
+    to its squared distance to the nearest centroid so far (Arthur & Vassilvitskii, 2007). Workers
+    exchange only their distance sums and the chosen row, so the draw is the one a single process
+    makes on the concatenated rows (up to float64 summation order).
+
+    Args:
+        features: (N_r, D) rows of this worker.
+        k: Number of clusters.
+        generator: A CPU generator seeded identically on every worker.
+        group: Process group (None: the default group).
+
+    Returns:
+        (K, D) float32 on the features' device.
+
+    Raises:
+        ValueError: If all workers together hold fewer than K rows.
+    """
+    total = sum(_gather_scalar(torch.tensor(float(len(features)), dtype=torch.float64, device=features.device), group))
+    if total < k:
+        raise ValueError(f"cannot initialise {k} centroids from {int(total)} points")
+    x = features.double()
+    rows = [_pick_row(features, torch.zeros(len(features), dtype=torch.float64, device=features.device), generator,
+                      group)]
+    nearest = ((x - rows[0].double()) ** 2).sum(1)
+    for _ in range(1, k):
+        rows.append(_pick_row(features, nearest, generator, group))
+        nearest = torch.minimum(nearest, ((x - rows[-1].double()) ** 2).sum(1))
+    return torch.stack(rows)
+
+
+KMEANS_INITS = ("kmeans++", "random")
+
+
+def kmeans(
+    features: Tensor,
+    k: int,
+    *,
+    iterations: int,
+    generator: torch.Generator,
+    spherical: bool = True,
+    init: str = "kmeans++",
+    group: object | None = None,
+) -> tuple[Tensor, list[float]]:
+    """Eq. (1) over the union of the workers' features: global initial centroids, then Lloyd.
+
+    Every worker calls it with its own rows and an identically seeded generator and gets the
+    centroids a single process gets on the concatenated rows (up to float64 summation order).
+
+    Args:
+        features: (N_r, D) L2-normalised rows of this worker.
+        k: Number of clusters K.
+        iterations: Lloyd iterations.
+        generator: Seeded CPU generator of the initial rows (the same on every worker).
+        spherical: Cosine k-means (see :func:`assign`).
+        init: ``"kmeans++"`` (:func:`init_centroids_plusplus`) or ``"random"`` rows
+            (:func:`init_centroids_global`, the reference's faiss initialisation).
+        group: Process group of the workers (None: the default group).
+
+    Returns:
+        ``(centroids, objectives)`` as :func:`lloyd`.
+
+    Raises:
+        ValueError: On an unknown ``init``.
+    """
+    if init not in KMEANS_INITS:
+        raise ValueError(f"init must be one of {KMEANS_INITS}, got {init!r}")
+    seeding = init_centroids_plusplus if init == "kmeans++" else init_centroids_global
+    centroids = seeding(features, k, generator, group)
+    return lloyd(features, centroids, iterations, spherical, reduce=partial(all_reduce_stats, group=group))
+
+
+def sample_pixels(features: Tensor, rngs: Sequence[np.random.Generator], count: int) -> Tensor:
+    """``count`` distinct random pixels of every feature map, each map's drawn with its own generator.
+
+    Args:
+        features: (B, D, h, w) L2-normalised maps.
+        rngs: B numpy generators (one per image: the draw depends on nothing else).
+        count: Pixels per map (all of them when ``count >= h * w``).
+
+    Returns:
+        (B * min(count, h * w), D) rows, image by image.
+    """
+    batch, dim, height, width = features.shape
+    if len(rngs) != batch:
+        raise ValueError(f"{len(rngs)} generators for {batch} feature maps")
+    size = min(count, height * width)
+    picks = np.stack([rng.choice(height * width, size, replace=False) for rng in rngs]) if batch else \
+        np.zeros((0, size), np.int64)
+    index = torch.from_numpy(picks.astype(np.int64)).to(features.device)
+    chosen = torch.gather(features.flatten(2), 2, index[:, None, :].expand(batch, dim, size))  # (B, D, size)
+    return chosen.permute(0, 2, 1).reshape(-1, dim)
+
+
 def flatten_pixels(feature_map: Tensor) -> Tensor:
     """(B, D, h, w) -> (B*h*w, D) L2-normalised pixel features (row order b, y, x)."""
     return normalize(feature_map.detach().permute(0, 2, 3, 1).reshape(-1, feature_map.shape[1]))
@@ -391,7 +617,9 @@ def picie_loss(
     change within each view's own clustering), ``cross = (L_clust(z1, y2, mu2) + L_clust(z2, y1,
     mu1)) / 2`` (each view must predict the other's clusters: photometric invariance and geometric
     equivariance, since z2 = G(f(P2 x)) is aligned with z1 = f(G(P1 x))), ``loss = (within +
-    cross) / 2``: the paper's ``L_within + L_cross`` divided by 4, as the reference computes it.
+    cross) / 2``: the paper's ``L_p = L_within + L_cross`` divided by :data:`PAPER_LOSS_FACTOR`
+    (4), the reference's scale, which its learning rates were tuned on. Multiply by
+    :data:`PAPER_LOSS_FACTOR` to add another loss at the paper's scale (FS^4's Eq. 5).
 
     Args:
         features1: (B, D, h, w) z1, view 1's embeddings of the transformed image.
@@ -469,25 +697,220 @@ def label_counts(labels: Tensor, k: int) -> Tensor:
     return torch.bincount(flat[flat >= 0], minlength=k).long()
 
 
+# -- the epoch's clustering, distributed over the training workers --------------------------------
+
+#: What :func:`cluster_epoch` iterates: (sample keys, one (B, D, h, w) L2-normalised map per view).
+EmbeddedBatch = tuple[Sequence[str], Sequence[Tensor]]
+
+
+def label_dtype(num_clusters: Sequence[int]) -> torch.dtype:
+    """The smallest integer dtype holding every cluster id (uint8 for K <= 256)."""
+    return torch.uint8 if max(num_clusters) <= 256 else torch.int16 if max(num_clusters) <= 32768 else torch.int32
+
+
+@dataclass
+class EpochClusters:
+    """One epoch's clustering on one worker: centroids and weights of every head and view, labels by key.
+
+    Attributes:
+        epoch: The epoch these targets belong to.
+        centroids: ``[head][view]`` (K_head, D) float32 centroids (the same on every worker).
+        weights: ``[head][view]`` (K_head,) cross-entropy weights or None (the same on every worker).
+        keys: The sample keys of this worker's images of the epoch, in iteration order.
+        labels: (N, heads, views, h, w) cluster ids of every pixel of those images (CPU, small dtype).
+        objectives: ``[head][view]`` the k-means objective (mean squared distance) of the last iteration.
+        seconds: Wall time of the sample pass + k-means and of the label pass.
+    """
+
+    epoch: int
+    centroids: list[list[Tensor]]
+    weights: list[list[Tensor | None]]
+    keys: list[str]
+    labels: Tensor
+    objectives: list[list[float]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._rows = {key: row for row, key in enumerate(self.keys)}
+        if len(self._rows) != len(self.keys):
+            raise ValueError("a sample key occurs twice in one epoch's clustering")
+
+    def lookup(self, keys: Iterable[Any]) -> Tensor:
+        """(B, heads, views, h, w) int64 labels of the samples ``keys`` (CPU).
+
+        Raises:
+            KeyError: naming a key this worker did not label for this epoch.
+        """
+        try:
+            rows = [self._rows[str(key)] for key in keys]
+        except KeyError as error:
+            raise KeyError(f"sample {error.args[0]!r} has no PiCIE labels for epoch {self.epoch} on this worker "
+                           f"({len(self.keys)} labelled): the training batches differ from the clustering pass") \
+                from None
+        return self.labels[torch.tensor(rows, dtype=torch.long)].long()
+
+    def targets(self, labels: Tensor) -> list[tuple[ClusterTargets, ClusterTargets]]:
+        """The (view 1, view 2) :class:`ClusterTargets` of every head for a batch's ``labels``.
+
+        Args:
+            labels: (B, heads, 2, h, w) from :meth:`lookup`, on the features' device.
+        """
+        device = labels.device
+        out = []
+        for head, (centroids, weights) in enumerate(zip(self.centroids, self.weights)):
+            out.append(tuple(
+                ClusterTargets(centroids[view].to(device), labels[:, head, view],
+                               None if weights[view] is None else weights[view].to(device))
+                for view in range(2)))
+        return out  # type: ignore[return-value]
+
+    def state(self) -> dict[str, Any]:
+        """Plain containers of tensors and strings (``torch.load(weights_only=True)`` reads them)."""
+        return {"epoch": self.epoch, "centroids": self.centroids, "weights": self.weights, "keys": self.keys,
+                "labels": self.labels, "objectives": self.objectives, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EpochClusters:
+        """The inverse of :meth:`state`."""
+        return cls(int(state["epoch"]), state["centroids"], state["weights"], list(state["keys"]), state["labels"],
+                   state.get("objectives", []), state.get("seconds", {}))
+
+
+def _sample_pass(batches: Iterator[EmbeddedBatch], *, num_batches: int | None, seed: int, epoch: int,
+                 pixels_per_image: int) -> list[Tensor]:
+    """Pass (a): ``pixels_per_image`` random pixels of every image of the first ``num_batches``, per view."""
+    samples: list[list[Tensor]] = []
+    for index, (keys, views) in enumerate(batches):
+        if num_batches is not None and index >= num_batches:
+            break
+        rngs = [sample_rng(seed, SAMPLE_SALT, epoch, str(key)) for key in keys]  # one stream per image, both views
+        if not samples:
+            samples = [[] for _ in views]
+        for view, features in enumerate(views):
+            samples[view].append(sample_pixels(features, rngs, pixels_per_image))
+    close = getattr(batches, "close", None)
+    if close is not None:  # stop the data pipeline behind a generator now, not at garbage collection
+        close()
+    if not samples:
+        raise ValueError("the epoch's clustering pass got no batch")
+    return [torch.cat(parts) for parts in samples]
+
+
+def _label_pass(batches: Iterable[EmbeddedBatch], centroids: list[list[Tensor]], *, spherical: bool,
+                dtype: torch.dtype) -> tuple[list[str], Tensor, list[list[Tensor]]]:
+    """Pass (b): the nearest centroid of every pixel of every view and head; keys, labels, counts."""
+    keys: list[str] = []
+    chunks: list[Tensor] = []
+    counts = [[torch.zeros(len(c), dtype=torch.long) for c in head] for head in centroids]
+    for batch_keys, views in batches:
+        per_head = []
+        for head, head_centroids in enumerate(centroids):
+            labels = [assign_labels(features, head_centroids[view].to(features.device), spherical)
+                      for view, features in enumerate(views)]
+            for view, view_labels in enumerate(labels):
+                counts[head][view] += label_counts(view_labels, len(head_centroids[view])).cpu()
+            per_head.append(torch.stack(labels, dim=1))  # (B, views, h, w)
+        chunks.append(torch.stack(per_head, dim=1).to("cpu", dtype))  # (B, heads, views, h, w)
+        keys.extend(str(key) for key in batch_keys)
+    if not chunks:
+        raise ValueError("the epoch's label pass got no batch")
+    return keys, torch.cat(chunks), counts
+
+
+def cluster_epoch(
+    batches: Callable[[], Iterator[EmbeddedBatch]],
+    num_clusters: Sequence[int],
+    *,
+    epoch: int,
+    seed: int,
+    iterations: int,
+    pixels_per_image: int,
+    sample_batches: int | None = None,
+    spherical: bool = True,
+    balance: str = "frequency",
+    init: str = "kmeans++",
+    group: object | None = None,
+) -> EpochClusters:
+    """One epoch's clustering on this worker: k-means over a pixel sample, then every pixel's label.
+
+    Every worker of the process group calls it at once with its own part of the epoch (the same
+    number of batches on each); the k-means statistics and the label counts are all-reduced, so
+    the centroids and class weights are those of a single process given every worker's batches in
+    rank order, and the labels of an image do not depend on which worker holds it.
+
+    Args:
+        batches: Called twice; each call iterates this worker's batches of the epoch again, in the
+            same order: (keys, [view 1 map, view 2 map]) with L2-normalised (B, D, h, w) maps.
+        num_clusters: K of every head (the first is the main clustering; more are "+H" heads).
+        epoch: The epoch (with ``seed`` it chooses the sampled pixels and the initial rows).
+        seed: The run's seed.
+        iterations: Lloyd iterations of every k-means.
+        pixels_per_image: Pixels per image and view in the k-means sample.
+        sample_batches: Batches of pass (a) per worker (None: all of them).
+        spherical: Cosine k-means and assignment.
+        balance: Class weights of the loss (:func:`class_weights`).
+        init: Seeding of every k-means (:func:`kmeans`).
+        group: Process group (None: the default one, when initialised).
+
+    Returns:
+        The :class:`EpochClusters` of this worker.
+    """
+    started = time.perf_counter()
+    samples = _sample_pass(iter(batches()), num_batches=sample_batches, seed=seed, epoch=epoch,
+                           pixels_per_image=pixels_per_image)
+    centroids: list[list[Tensor]] = []
+    objectives: list[list[float]] = []
+    for head, k in enumerate(num_clusters):
+        head_centroids, head_objectives = [], []
+        for view, sample in enumerate(samples):
+            generator = torch.Generator().manual_seed(derived_seed(seed, "picie-kmeans", str(epoch), str(head),
+                                                                   str(view)))
+            found, history = kmeans(sample, k, iterations=iterations, generator=generator, spherical=spherical,
+                                    init=init, group=group)
+            head_centroids.append(found.cpu())
+            head_objectives.append(history[-1] if history else float("nan"))
+        centroids.append(head_centroids)
+        objectives.append(head_objectives)
+    num_sampled = sum(len(sample) for sample in samples)
+    del samples
+    clustered = time.perf_counter()
+    keys, labels, counts = _label_pass(batches(), centroids, spherical=spherical, dtype=label_dtype(num_clusters))
+    weights: list[list[Tensor | None]] = []
+    for head_counts in counts:
+        total = _sum_over_workers(torch.cat(head_counts), group)
+        weights.append([class_weights(part, balance) for part in total.split([len(c) for c in head_counts])])
+    return EpochClusters(epoch, centroids, weights, keys, labels, objectives,
+                         {"kmeans": round(clustered - started, 3), "labels": round(time.perf_counter() - clustered, 3),
+                          "sampled_pixels": float(num_sampled)})
+
+
 __all__ = [
     "ASSIGN_CHUNK_ROWS",
     "BALANCE_MODES",
+    "PAPER_LOSS_FACTOR",
     "ClusterStats",
     "ClusterTargets",
+    "EpochClusters",
     "all_reduce_stats",
     "assign",
     "assign_labels",
     "class_weights",
+    "cluster_epoch",
     "cluster_logits",
     "cluster_stats",
     "clustering_ce",
     "flatten_pixels",
     "init_centroids",
+    "init_centroids_global",
+    "init_centroids_plusplus",
+    "kmeans",
     "label_counts",
+    "label_dtype",
     "lloyd",
     "lloyd_update",
     "minibatch_update",
     "normalize",
     "picie_loss",
     "picie_multihead_loss",
+    "sample_pixels",
 ]

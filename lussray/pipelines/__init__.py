@@ -25,12 +25,11 @@ from lussray.errors import UserError
 DEFAULT_METHOD = "pass"
 
 # name -> the module that runs it
-METHOD_MODULES: dict[str, str] = {"pass": "lussray.pipelines.pass_", "stego": "lussray.pipelines.stego",
-                                  "hp": "lussray.pipelines.hp"}
+METHOD_MODULES: dict[str, str] = {"pass": "lussray.pipelines.pass_", "picie": "lussray.pipelines.picie",
+                                  "stego": "lussray.pipelines.stego", "hp": "lussray.pipelines.hp"}
 
 # name -> the issue that builds it (until then ``lussray run --method NAME`` says so)
 PLANNED_METHODS: dict[str, str] = {
-    "picie": "PiCIE on Ray: pixel clustering with invariance and equivariance, its k-means every epoch over the workers",
     "fs4": "FS^4, the first public implementation: pyramid global guidance, active selection, context-aware "
            "embedding, on PiCIE's pixel clustering",
 }
@@ -78,6 +77,7 @@ class RunOptions:
     overwrite: bool = False
     featurizer: str | None = None  # STEGO/HP: a DINO checkpoint (default: the run's PASS stage-1 ResNet)
     select_on_labels: bool = False  # STEGO/HP: also the references' checkpoint choice on validation labels
+    init: str | None = None  # PiCIE: the backbone checkpoint (default: PASS stage-1 pretraining runs first)
 
 
 @dataclass

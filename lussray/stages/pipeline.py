@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--select-on-labels", action="store_true",
                         help="STEGO/HP: also report the checkpoint with the best validation cluster mIoU (uses "
                         "labels; the default choice, the last checkpoint, reads no ground truth)")
+    parser.add_argument("--init", metavar="CHECKPOINT",
+                        help="PiCIE: the backbone, a lussray or torchvision checkpoint (default: PASS stage-1 "
+                        "pretraining runs first on the same data and PiCIE starts from it)")
 
 
 def run(args: argparse.Namespace, config: LussConfig) -> int:
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
     data, run_root = storage.absolute(args.data), storage.absolute(args.run)
     options = RunOptions(baselines=args.baselines, crf=args.crf, test=args.test, overwrite=args.overwrite,
                          featurizer=storage.absolute(args.featurizer) if args.featurizer else None,
-                         select_on_labels=args.select_on_labels)
+                         select_on_labels=args.select_on_labels,
+                         init=storage.absolute(args.init) if args.init else None)
     init_ray(config.ray)
     started, timer = time.perf_counter(), StageTimer()
     result = method.run_method(config, data, run_root, options, timer)

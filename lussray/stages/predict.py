@@ -66,6 +66,7 @@ MATCH_FILE = "match.json"
 METHOD_FILE = "method.txt"
 IDENTITY = "identity"
 HUNGARIAN = "hungarian"
+PREDICT_METHODS = ("pass", "picie")  # `lussray predict --method`
 
 
 # -- predictors (built once per actor) ----------------------------------------------------------
@@ -362,6 +363,83 @@ def score(accumulator: Any, match: Any) -> tuple[Any, np.ndarray | None]:
     return compute_metrics(accumulator, mapping), mapping
 
 
+def score_pixels(config: LussConfig, accumulator: Any, match: str) -> dict[str, Any]:
+    """The pixel protocol's metrics of a split's confusion matrix (``hungarian`` or ``identity`` matching).
+
+    Args:
+        config: the resolved config (``dataset.thing_classes`` gives the things/stuff means).
+        accumulator: a :class:`~lussray.eval.pixel.ConfusionAccumulator` (:func:`predict_split` with
+            ``protocol="pixel"``).
+        match: ``"hungarian"`` (one matching over the split) or ``"identity"`` (predictions in class ids).
+
+    Returns:
+        JSON-ready metrics: ``mIoU``, ``Acc``, per-class IoU, the matching, the confusion matrix.
+    """
+    from lussray.eval.pixel import hungarian_match, identity_match, pixel_metrics, things_stuff
+
+    hist = accumulator.hist
+    mapping = hungarian_match(hist) if match == HUNGARIAN else identity_match(*hist.shape)
+    things = config.dataset.thing_classes
+    groups = things_stuff(range(things), hist.shape[0]) if 0 < things < hist.shape[0] else None
+    metrics = pixel_metrics(hist, mapping, groups, accumulator.num_images)
+    return {**json_safe(metrics.to_dict()), "matching": match}
+
+
+def predict_scene(config: LussConfig, data: str, run: str | None, out: str, predictor: Callable[..., Predictor],
+                  predictor_kwargs: dict[str, Any], *, checkpoint: str, num_clusters: int, match: str,
+                  inputs: dict[str, Any], split: str = "validation", overwrite: bool = False,
+                  stage: str = STAGE) -> dict[str, Any]:
+    """Predict ``split`` of scene data through the pool, score it with the pixel protocol, ``summary.json`` last.
+
+    ``<out>/inputs.json`` records the split's manifest, the checkpoint, the evaluation view and
+    ``inputs`` (the predictor's own settings): a rerun with the same inputs returns the summary at
+    once, other inputs are refused (``overwrite``: predicted again).
+
+    Args:
+        config: the resolved config (pool, ingest, ``dataset``).
+        data: shards folder.
+        run: the run folder (paths under it are recorded relative to it).
+        out: the prediction folder.
+        predictor: a :class:`Predictor` class whose maps hold cluster ids 0..K-1.
+        predictor_kwargs: its constructor arguments.
+        checkpoint: the model file (recorded).
+        num_clusters: K.
+        match: ``"hungarian"`` or ``"identity"``.
+        inputs: further entries of the inputs record.
+        split: the split.
+        overwrite: replace outputs of other inputs instead of refusing.
+        stage: the log prefix.
+
+    Returns:
+        The summary (``metrics`` when the split has ground truth).
+    """
+    record = StageRecord(out, {"format": FORMAT_VERSION,
+                               **config_fingerprint(config, "ingest.eval_short_side", "dataset.eval_crop_size",
+                                                    "dataset.num_classes", "dataset.thing_classes"),
+                               "split": split, "data": data_fingerprint(data, [split]),
+                               "checkpoint": checkpoint_fingerprint(checkpoint, run), **inputs}, stage)
+    record.check(overwrite)
+    summary_path = storage.join(out, SUMMARY_FILE)
+    if storage.exists(summary_path) and record.recorded() is not None:
+        print(f"[{stage}] {split}: complete, {summary_path}", flush=True)
+        return storage.read_json(summary_path)
+    storage.makedirs(out)
+    with record.recording(produced=lambda: has_files(out, ".png") or storage.exists(summary_path)):
+        result = predict_split(config, data, split, out, predictor, predictor_kwargs, pool=config.predict,
+                               evaluate=True, stage=stage, protocol="pixel", num_clusters=num_clusters)
+        write_keys(out, result.keys)
+        summary: dict[str, Any] = {"inputs": record.fingerprint, "num_images": len(result.keys),
+                                   "seconds": round(result.seconds, 1)}
+        if result.accumulator is not None and result.accumulator.num_images:
+            summary["metrics"] = score_pixels(config, result.accumulator, match)
+        storage.write_json_atomic(summary_path, summary)
+    line = f"{len(result.keys)} images in {result.seconds:.1f} s -> {out}"
+    if "metrics" in summary:
+        line += f"; mIoU {summary['metrics']['mIoU']:.2f}, Acc {summary['metrics']['Acc']:.2f} ({match} matching)"
+    print(f"[{stage}] {split}: done, {line}", flush=True)
+    return summary
+
+
 def format_metrics(metrics: Any) -> str:
     """The evaluator's table (mIoU, b-mIoU, Img-Acc, F, per size)."""
     from lussray.eval.evaluate import format_table
@@ -598,7 +676,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lussray predict``."""
     parser.add_argument("--split", required=True, choices=("validation", "test", "train-semi"),
                         help="split to predict")
-    parser.add_argument("--checkpoint", help="segmentation checkpoint (default: the latest under <run>/finetune)")
+    parser.add_argument("--checkpoint", help="segmentation checkpoint (default: the latest under <run>/finetune; "
+                        "--method picie: under <run>/picie)")
     parser.add_argument("--out", metavar="DIR", help="prediction folder (default: <run>/predict/<split>)")
     parser.add_argument("--match", metavar="FILE",
                         help="match.json to apply ('identity': predictions already use ground-truth ids). "
@@ -606,7 +685,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "<run>/predict/validation/match.json when it exists")
     parser.add_argument("--submission", action="store_true",
                         help="also pack <out>.zip (class folders, match.json, method.txt) for the benchmark server")
-    parser.add_argument("--method", default=None, help="text of method.txt (default: a description of the run)")
+    parser.add_argument("--method", default="pass", choices=PREDICT_METHODS,
+                        help="whose model predicts: pass (a fine-tuned segmenter, the default) or picie (nearest "
+                        "centroid per pixel of a `lussray picie train` network, scored with the pixel protocol)")
+    parser.add_argument("--centroids", metavar="FILE",
+                        help="picie: the centroids (default: <run>/picie-clusters/centroids.npy)")
+    parser.add_argument("--method-text", default=None,
+                        help="text of the submission's method.txt (default: a description of the run)")
     parser.add_argument("--crf", action="store_true",
                         help="refine with a dense CRF (the `crf` extra; settings predict.crf_*); "
                         "default folder <run>/predict/<split>-crf")
@@ -690,13 +775,26 @@ def predict(config: LussConfig, data: str, *, run: str | None = None, split: str
 
 
 def run(args: argparse.Namespace, config: LussConfig) -> int:
-    """``lussray predict``: :func:`predict` of ``--split`` of ``--data``."""
+    """``lussray predict``: :func:`predict` of ``--split`` of ``--data`` (``--method picie``: PiCIE's)."""
     if not args.data:
         raise UserError("--data DIR (shards of `lussray prepare`) is required")
-    predict(config, storage.absolute(args.data), run=storage.absolute(args.run) if args.run else None,
-            split=args.split, out=storage.absolute(args.out) if args.out else None,
-            checkpoint=storage.absolute(args.checkpoint) if args.checkpoint else None, match=args.match,
-            crf=args.crf, submission=args.submission, method=args.method, overwrite=args.overwrite)
+    absolute = {name: storage.absolute(getattr(args, name)) if getattr(args, name) else None
+                for name in ("run", "out", "checkpoint", "centroids")}
+    if args.method == "picie":
+        from lussray.stages import picie
+
+        if args.match or args.submission:
+            raise UserError("--match and --submission apply to --method pass only (PiCIE's predictions are "
+                            "scored with the pixel protocol's Hungarian matching)")
+        picie.predict(config, storage.absolute(args.data), absolute["run"], split=args.split, out=absolute["out"],
+                      checkpoint=absolute["checkpoint"], centroids=absolute["centroids"], crf=args.crf,
+                      overwrite=args.overwrite)
+        return 0
+    if args.centroids:
+        raise UserError("--centroids applies to --method picie only")
+    predict(config, storage.absolute(args.data), run=absolute["run"], split=args.split, out=absolute["out"],
+            checkpoint=absolute["checkpoint"], match=args.match, crf=args.crf, submission=args.submission,
+            method=args.method_text, overwrite=args.overwrite)
     return 0
 
 

@@ -122,7 +122,7 @@ def test_finetune_then_predict_matches_evaluates_and_packs(ray_cluster, setup, c
 
     # test: the validation matching is shipped with the predictions in the submission zip
     assert main(["predict", "--split", "test", "--data", shards, "--run", str(run), "--submission",
-                 "--method", "tiny test run", *TINY]) == 0
+                 "--method-text", "tiny test run", *TINY]) == 0
     test_dir = run / "predict" / "test"
     assert json.loads((test_dir / "match.json").read_text()) == match
     with zipfile.ZipFile(run / "predict" / "test.zip") as archive:

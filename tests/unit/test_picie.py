@@ -238,3 +238,134 @@ def test_gloo_workers_equal_one_process(tmp_path):
         assert part["objectives"] == pytest.approx(objectives, rel=1e-6)
         torch.testing.assert_close(part["updated"], updated, rtol=0, atol=1e-6)
         assert torch.equal(part["counts"], counts)
+
+
+# -- the epoch's clustering over the training workers ---------------------------------------------
+
+
+def test_sample_pixels_draws_distinct_pixels_per_image_from_its_generator():
+    fmap = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    rngs = [np.random.default_rng(1), np.random.default_rng(2)]
+    rows = picie.sample_pixels(fmap, rngs, 6)
+    assert rows.shape == (12, 3)
+    for b in range(2):
+        pixels = {tuple(fmap[b, :, y, x].tolist()) for y in range(4) for x in range(5)}
+        picked = [tuple(r) for r in rows[6 * b : 6 * b + 6].tolist()]
+        assert len(set(picked)) == 6 and set(picked) <= pixels
+    again = picie.sample_pixels(fmap[1:], [np.random.default_rng(2)], 6)
+    torch.testing.assert_close(again, rows[6:])  # image 1's pixels depend only on its generator
+    assert picie.sample_pixels(fmap, [np.random.default_rng(0)] * 2, 99).shape == (40, 3)  # all of them
+
+
+def test_global_init_in_one_process_is_init_centroids():
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    a = picie.init_centroids_global(x, 5, torch.Generator().manual_seed(3))
+    b = picie.init_centroids(x, 5, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="from 3 points"):
+        picie.init_centroids_global(x[:3], 5, torch.Generator())
+
+
+def _fake_batches(keys_per_batch, dim=4, size=3, seed=0):
+    """(keys, [view1, view2]) batches of clustered unit features, a pure function of each key."""
+    centres = picie.normalize(torch.randn(3, dim, generator=torch.Generator().manual_seed(seed)))
+    batches = []
+    for keys in keys_per_batch:
+        views = []
+        for view in range(2):
+            maps = []
+            for key in keys:
+                gen = torch.Generator().manual_seed(int.from_bytes(f"{key}/{view}".encode(), "little") % 2**31)
+                owner = torch.randint(0, 3, (size, size), generator=gen)
+                noise = 0.2 * torch.randn(dim, size, size, generator=gen)
+                maps.append(centres[owner].permute(2, 0, 1) + noise)
+            views.append(picie.normalize(torch.stack(maps), dim=1))
+        batches.append((keys, views))
+    return batches
+
+
+EPOCH_KWARGS = {"epoch": 2, "seed": 5, "iterations": 4, "pixels_per_image": 4, "spherical": True}
+
+
+def test_cluster_epoch_labels_every_pixel_by_key_and_survives_a_checkpoint(tmp_path):
+    batches = _fake_batches([["a", "b"], ["c", "d"], ["e", "f"]])
+    clusters = picie.cluster_epoch(lambda: iter(batches), [3, 5], sample_batches=2, **EPOCH_KWARGS)
+    assert clusters.labels.shape == (6, 2, 2, 3, 3) and clusters.labels.dtype == torch.uint8
+    assert clusters.keys == list("abcdef") and clusters.seconds["sampled_pixels"] == 2 * 4 * 4
+    assert [c.shape for c in clusters.centroids[1]] == [(5, 4), (5, 4)]
+    # the labels are the nearest centroids of each view's pixels
+    keys, views = batches[2]
+    expected = picie.assign_labels(views[1], clusters.centroids[0][1])
+    assert torch.equal(clusters.lookup(["f", "e"])[:, 0, 1], expected.flip(0))
+    weights = clusters.weights[0][0]
+    assert weights.sum().item() == pytest.approx(1.0)  # frequencies of view 1's labels
+    with pytest.raises(KeyError, match="'z' has no PiCIE labels for epoch 2"):
+        clusters.lookup(["a", "z"])
+    targets = clusters.targets(clusters.lookup(["a"]))
+    assert len(targets) == 2 and targets[1][1].labels.shape == (1, 3, 3)
+    # what a checkpoint holds (torch.load(weights_only=True)) restores the same clustering
+    torch.save({"method": clusters.state()}, tmp_path / "c.pt")
+    back = picie.EpochClusters.from_state(torch.load(tmp_path / "c.pt", weights_only=True)["method"])
+    assert back.keys == clusters.keys and torch.equal(back.labels, clusters.labels)
+    assert torch.equal(back.lookup(["d"]), clusters.lookup(["d"])) and back.epoch == 2
+
+
+def _cluster_epoch_worker(rank, world_size, init_file, parts, result_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        batches = _fake_batches(parts[rank])
+        sample = torch.cat([picie.sample_pixels(v[0], [np.random.default_rng(i) for i in range(len(k))], 5)
+                            for k, v in batches])
+        centroids, objectives = picie.kmeans(sample, 3, iterations=4, generator=torch.Generator().manual_seed(9))
+        clusters = picie.cluster_epoch(lambda: iter(batches), [3, 4], **EPOCH_KWARGS)
+        torch.save({"kmeans": centroids, "objectives": objectives, "clusters": clusters.state()},
+                   f"{result_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_clustering_of_two_gloo_workers_equals_one_process(tmp_path):
+    """Each worker holds its own batches; the result is one process's on the concatenation (same seed)."""
+    import torch.multiprocessing as mp
+
+    parts = [[["a", "b"], ["c", "d"]], [["e", "f"], ["g", "h"]]]  # rank 0's and rank 1's batches of the epoch
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_cluster_epoch_worker, args=(2, str(tmp_path / "init"), parts, str(tmp_path)), nprocs=2,
+                       start_method=method)
+    whole = _fake_batches(parts[0] + parts[1])
+    # kmeans alone: one process on the rows of both workers, rank 0's first
+    sample = torch.cat([torch.cat([picie.sample_pixels(v[0], [np.random.default_rng(i) for i in range(len(k))], 5)
+                                   for k, v in _fake_batches(part)]) for part in parts])
+    centroids, objectives = picie.kmeans(sample, 3, iterations=4, generator=torch.Generator().manual_seed(9))
+    single = picie.cluster_epoch(lambda: iter(whole), [3, 4], **EPOCH_KWARGS)
+    labelled = 0
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["kmeans"], centroids, rtol=0, atol=1e-6)
+        assert got["objectives"] == pytest.approx(objectives, rel=1e-6)
+        part = picie.EpochClusters.from_state(got["clusters"])
+        for head in range(2):
+            for view in range(2):
+                torch.testing.assert_close(part.centroids[head][view], single.centroids[head][view], rtol=0, atol=1e-6)
+                torch.testing.assert_close(part.weights[head][view], single.weights[head][view], rtol=0, atol=1e-7)
+        assert torch.equal(part.lookup(part.keys), single.lookup(part.keys))  # every pixel, by key
+        labelled += len(part.keys)
+    assert labelled == len(single.keys) == 8
+
+
+def test_kmeanspp_seeds_are_distinct_rows_spread_over_the_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = picie.normalize(torch.randn(4, 6, generator=gen)) * 10
+    x = torch.cat([centres[j] + 0.01 * torch.randn(50, 6, generator=gen) for j in range(4)])
+    seeds = picie.init_centroids_plusplus(x, 4, torch.Generator().manual_seed(1))
+    rows = {tuple(r.tolist()) for r in x}
+    assert all(tuple(s.tolist()) in rows for s in seeds)
+    owners = {int(((centres - s) ** 2).sum(1).argmin()) for s in seeds}
+    assert owners == {0, 1, 2, 3}  # one seed per far-apart cluster (random rows rarely manage it)
+    identical = picie.init_centroids_plusplus(torch.ones(5, 3), 3, torch.Generator().manual_seed(0))
+    assert torch.equal(identical, torch.ones(3, 3))  # zero distances: uniform draws, no error
+    with pytest.raises(ValueError, match="init must be one of"):
+        picie.kmeans(x, 2, iterations=1, generator=torch.Generator(), init="farthest")

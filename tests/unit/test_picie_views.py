@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lussray.data import picie_views as pv
-from lussray.data.augment import CropBox, resized_crop
+from lussray.data.augment import CropBox, decode_image, resized_crop
 
 BASE = 64  # base image side
 STRIDE = 4  # the "network": average pooling with the FPN's stride
@@ -112,12 +112,41 @@ def test_sample_crop_follows_the_reference_distribution():
     assert abs(np.mean([b.flipped for b in boxes]) - 0.5) < 0.04
 
 
-def test_view_rng_is_deterministic_per_seed_epoch_key():
-    a = pv.sample_view_params(pv.view_rng(1, 0, "n01/a"), 64, 64)
-    assert a == pv.sample_view_params(pv.view_rng(1, 0, "n01/a"), 64, 64)
-    assert a != pv.sample_view_params(pv.view_rng(1, 1, "n01/a"), 64, 64)
-    assert pv.sample_view_params(pv.view_rng(1, 0, 5), 64, 64) == pv.sample_view_params(pv.view_rng(1, 0, 5), 64, 64)
-    assert a.photometric[0] != a.photometric[1]  # one draw per view
+def _jpeg(seed, height=80, width=96):
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_views_batch_draws_every_sample_from_its_own_generator():
+    from lussray.seeds import sample_rng
+
+    batch = {"jpg": np.array([_jpeg(0), _jpeg(1), _jpeg(2)], dtype=object)}
+    keys = ["a", "b", "c"]
+    kwargs = {"base_size": 64, "crop_size": 32}
+    out = pv.views_batch(batch, rngs=[sample_rng(1, 7, 0, k) for k in keys], **kwargs)
+    assert out["view1"].shape == out["view2"].shape == (3, 32, 32, 3) and out["view1"].dtype == np.uint8
+    assert out["boxes"].shape == (3, 5) and out["boxes"].dtype == np.float32
+    # the same (seed, stage, epoch, key) gives the same views whatever the batch around the sample
+    alone = pv.views_batch({"jpg": batch["jpg"][1:2]}, rngs=[sample_rng(1, 7, 0, "b")], **kwargs)
+    for name in ("view1", "view2", "boxes"):
+        np.testing.assert_array_equal(alone[name][0], out[name][1])
+    # another epoch draws new views; the boxes lie inside the base image and are square
+    other = pv.views_batch(batch, rngs=[sample_rng(1, 7, 1, k) for k in keys], **kwargs)
+    assert not np.array_equal(other["boxes"], out["boxes"])
+    top, left, height, width, _ = out["boxes"].T
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 64).all() and (left + width <= 64).all()
+    assert np.array_equal(height, width) and (height >= 32).all()
+    # view 2 is the whole base image resized (photometric changes aside): P2(x) at res1
+    params = pv.sample_view_params(sample_rng(1, 7, 0, "a"), 64, 64)
+    base = pv.base_image(decode_image(batch["jpg"][0], draft_size=64), 64)
+    np.testing.assert_array_equal(out["view2"][0], pv.make_views(base, params, 32)[1])
+    assert params.photometric[0] != params.photometric[1]  # one draw per view
 
 
 def test_photometric_probabilities_and_ranges():
