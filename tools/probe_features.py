@@ -49,12 +49,13 @@ STRIDE = 8  # the protocols' feature resolution (c4 upsampled x4)
 
 
 def load_split(tree: str, split: str, short_side: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(key, resized uint8 image, int ground truth at the original size) of every image of ``split``."""
+    """(key, resized uint8 image, int ground truth at the original size or None) of every image of ``split``."""
     categories = Categories.from_root(tree)
     out = []
     for sample in list_split(tree, split, categories.wnids):
         image = decode_image(Path(sample.image_path).read_bytes())
-        out.append((sample.key, resize_shorter_side(image, short_side), read_label_png(sample.label_path)))
+        label = read_label_png(sample.label_path) if sample.label_path else None
+        out.append((sample.key, resize_shorter_side(image, short_side), label))
     return out
 
 
@@ -65,6 +66,22 @@ def build_backbone(checkpoint: str, arch: str, seed: int):
     if checkpoint != "random":
         load_pretrained(model, checkpoint)
     return model.backbone.eval()
+
+
+def recalibrate_batchnorm(backbone, items, batch: int = 16) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``items`` (cumulative averages, "precise BN")."""
+    from torch import nn
+
+    norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    backbone.train()
+    with torch.inference_mode():
+        for start in range(0, len(items), batch):
+            backbone(to_model_input(np.stack([image for _, image, _ in items[start:start + batch]]),
+                                    torch.device("cpu")))
+    backbone.eval()
 
 
 def stride8_features(backbone, items, layers: list[str], batch: int = 16) -> dict[str, list[torch.Tensor]]:
@@ -182,20 +199,26 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="the run seed of the random backbone")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="first re-estimate BatchNorm statistics on the train split at --short-side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     num_classes = Categories.from_root(args.tree).num_classes
     bank_items = load_split(args.tree, "train-semi", args.short_side)
     val_items = load_split(args.tree, "validation", args.short_side)
+    train_items = load_split(args.tree, "train", args.short_side) if args.recalibrate_bn else []
     rows = []
     print(f"{'backbone':<40}{'layer':>6}{'knn mIoU':>10}{'probe mIoU':>12}{'obj 1nn':>9}{'obj km':>8}{'s':>6}")
     for checkpoint in args.checkpoint:
         backbone = build_backbone(checkpoint, args.arch, args.seed)
+        if args.recalibrate_bn:
+            recalibrate_batchnorm(backbone, train_items)
         started = time.perf_counter()
         bank = stride8_features(backbone, bank_items, args.layers)
         val = stride8_features(backbone, val_items, args.layers)
         for layer in args.layers:
             row = {"backbone": checkpoint, "layer": layer, "short_side": args.short_side,
+                   "recalibrated_bn": args.recalibrate_bn,
                    "knn": knn_protocol(bank[layer], bank_items, val[layer], val_items, num_classes),
                    "probe": linear_probe(bank[layer], bank_items, val[layer], val_items, num_classes),
                    **object_accuracy(bank[layer], bank_items, val[layer], val_items, num_classes, args.seed)}

@@ -1,7 +1,7 @@
 """Seed table: the demo pipeline, its baselines and the two other LUSS protocols over several seeds.
 
-    .venv/bin/python tools/seeds.py --out runs/seeds --seeds 0 1 2
-    .venv/bin/python tools/seeds.py --out runs/seeds-8x160 --seeds 0 1 2 synth.classes=8 synth.size=160 synth.seed=7
+    .venv/bin/python tools/seeds.py --out runs/seeds --seeds 0,1,2
+    .venv/bin/python tools/seeds.py --out runs/seeds-8x160 --seeds 0,1,2 synth.classes=8 synth.size=160 synth.seed=7
 
 For a dataset preset (``--dataset``, default ``synthetic-demo``) and the ``key=value`` overrides
 given (passed to every command), it
@@ -199,10 +199,19 @@ def table(rows: dict[str, dict[str, dict[str, Any]]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (distinct, non-negative)."""
+    seeds = [int(part) for part in text.split(",") if part.strip()]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers like 0,1,2, got {text!r}")
+    return seeds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder of the data, the runs and seeds.json")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds (default: 0 1 2)")
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2],
+                        help="run seeds, comma-separated (default: 0,1,2)")
     parser.add_argument("--dataset", default="synthetic-demo", help="dataset preset (default: synthetic-demo)")
     parser.add_argument("--config", help="experiment YAML passed to every command")
     parser.add_argument("--no-crf", action="store_true", help="leave out the pipeline + CRF row")
