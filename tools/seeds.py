@@ -207,6 +207,15 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def markdown(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The same table in Markdown (mean and [min, max] per metric), for the README."""
+    lines = ["| row | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m['mean']:.2f} [{m['min']:.2f}, {m['max']:.2f}]"
+                                               for m in metrics.values()) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder of the data, the runs and seeds.json")
@@ -236,6 +245,7 @@ def main() -> int:
     rows = aggregate(per_seed)
     verdict = checks(per_seed)
     print(table(rows, args.seeds))
+    print(markdown(rows))
     for group in ("pipeline_beats_every_baseline", "pretrained_beats_random"):
         for seed, failures in verdict[group].items():
             print(f"{group}, seed {seed}: {'yes' if not failures else 'NO: ' + '; '.join(failures)}")
