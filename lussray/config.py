@@ -127,6 +127,7 @@ class SynthConfig:
     min_area: float = ranged(0.02, above=0, high=0.7)  # smallest area fraction of the main object
     background_contrast: float = ranged(1.0, 0, 1)  # 0: flat backgrounds, 1: full-contrast textures
     background_pool_size: int = ranged(32, 0)  # background styles shared by all images; 0: a new one per image
+    background_saturation: float = ranged(1.0, 0, 1)  # 0: grey backgrounds (only objects carry hue), 1: as drawn
     # --kind scenes (lussray.data.synthetic_scenes): stuff regions + thing objects, class ids 0..C-1
     kind: str = one_of("objects", ("objects", "scenes"))
     thing_classes: int = ranged(6, 0, 499)  # ids 0..T-1

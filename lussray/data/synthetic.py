@@ -352,12 +352,13 @@ def _paint_object(image: np.ndarray, place: _Placement, app: ClassAppearance, rn
 
 
 def _background(rng: np.random.Generator, seed: int, height: int, width: int, contrast: float,
-                pool_size: int) -> np.ndarray:
+                pool_size: int, saturation: float = 1.0) -> np.ndarray:
     """A background with a random pose and colour jitter per image.
 
     Its style comes from the shared pool of ``pool_size`` styles, or is drawn for this image alone
     when ``pool_size`` is 0. ``contrast`` scales the difference between the texture's two colours
-    (1: as drawn).
+    (1: as drawn); ``saturation`` pulls each colour toward its own grey (channel mean; 1: as drawn,
+    0: grey, so that only the objects carry hue).
     """
     if pool_size:
         pool = background_pool(seed, pool_size)
@@ -380,6 +381,9 @@ def _background(rng: np.random.Generator, seed: int, height: int, width: int, co
     if contrast != 1.0:
         middle = colors.mean(axis=0, keepdims=True)
         colors = middle + np.float32(contrast) * (colors - middle)
+    if saturation != 1.0:
+        grey = colors.mean(axis=1, keepdims=True)
+        colors = grey + np.float32(saturation) * (colors - grey)
     return np.ascontiguousarray(_mix(colors, weight.astype(np.float32)), dtype=np.float32)
 
 
@@ -429,8 +433,8 @@ def image_rng(seed: int, split: str, class_index: int, index: int) -> np.random.
 
 def render_sample(seed: int, split: str, class_index: int, index: int, *, classes: int,
                   size: Size = 128, ignore: bool = True, min_area: float = MIN_AREA_FRACTION,
-                  background_contrast: float = 1.0, background_pool_size: int = BACKGROUND_POOL_SIZE
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  background_contrast: float = 1.0, background_pool_size: int = BACKGROUND_POOL_SIZE,
+                  background_saturation: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Render one image and its ground truth.
 
     Args:
@@ -445,13 +449,15 @@ def render_sample(seed: int, split: str, class_index: int, index: int, *, classe
         background_contrast: contrast of the background texture, in [0, 1].
         background_pool_size: number of background styles shared by all images; 0 draws a new
             style for every image, so that backgrounds form no groups of their own.
+        background_saturation: saturation of the background colours, in [0, 1] (0: grey, so that
+            no background hue is shared by all crops of an image; 1: as drawn).
 
     Returns:
         ``(image, label)``: uint8 (H, W, 3) RGB, and int32 (H, W) ids in {0, 1..N, 1000}.
     """
     height, width = _image_shape(size)
     rng = image_rng(seed, split, class_index, index)
-    image = _background(rng, seed, height, width, background_contrast, background_pool_size)
+    image = _background(rng, seed, height, width, background_contrast, background_pool_size, background_saturation)
     label = np.full((height, width), OTHER_ID, dtype=np.int32)
 
     main_app = class_appearance(seed, class_index)
@@ -533,6 +539,7 @@ class SynthArguments:
     min_area: float = MIN_AREA_FRACTION
     background_contrast: float = 1.0
     background_pool_size: int = BACKGROUND_POOL_SIZE
+    background_saturation: float = 1.0
 
     def validate(self) -> None:
         """Check that every argument lies in range.
@@ -561,6 +568,8 @@ class SynthArguments:
             raise UserError(f"background_contrast must lie in [0, 1], got {self.background_contrast}")
         if self.background_pool_size < 0:
             raise UserError(f"background_pool_size must be >= 0, got {self.background_pool_size}")
+        if not 0 <= self.background_saturation <= 1:
+            raise UserError(f"background_saturation must lie in [0, 1], got {self.background_saturation}")
 
     def to_json(self) -> dict:
         """The arguments as recorded in synth.json (size as an int, or [height, width])."""
@@ -571,6 +580,7 @@ class SynthArguments:
             "size": size if isinstance(size, list) else int(size), "seed": self.seed,
             "min_area": float(self.min_area), "background_contrast": float(self.background_contrast),
             "background_pool_size": int(self.background_pool_size),
+            "background_saturation": float(self.background_saturation),
         }
 
     def counts(self) -> dict[str, int]:
@@ -603,7 +613,8 @@ def _generate_chunk(chunk: _Chunk) -> int:
     for index in range(chunk.start, chunk.stop):
         image, label = render_sample(args.seed, split, class_index, index, classes=args.classes, size=args.size,
                                      min_area=args.min_area, background_contrast=args.background_contrast,
-                                     background_pool_size=args.background_pool_size)
+                                     background_pool_size=args.background_pool_size,
+                                     background_saturation=args.background_saturation)
         jpeg = encode_jpeg(image)
         name = sample_name(split, class_index, index, classes=args.classes, val_per_class=args.val_per_class,
                            test_per_class=args.test_per_class)
@@ -726,6 +737,7 @@ def generate_dataset(
     min_area: float = MIN_AREA_FRACTION,
     background_contrast: float = 1.0,
     background_pool_size: int = BACKGROUND_POOL_SIZE,
+    background_saturation: float = 1.0,
     workers: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -739,7 +751,7 @@ def generate_dataset(
             same complete run.
     """
     arguments = SynthArguments(classes, train_per_class, val_per_class, test_per_class, semi_per_class, size, seed,
-                               min_area, background_contrast, background_pool_size)
+                               min_area, background_contrast, background_pool_size, background_saturation)
     arguments.validate()
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")

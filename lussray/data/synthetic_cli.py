@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="contrast of the background textures in [0, 1] (generator default 1; 0: flat colours)")
     parser.add_argument("--background-pool-size", type=int, metavar="N",
                         help="background styles shared by all images (generator default 32; 0: a new style per image)")
+    parser.add_argument("--background-saturation", type=float, metavar="S",
+                        help="saturation of the background colours in [0, 1] (generator default 1; 0: grey)")
     scenes = parser.add_argument_group("--kind scenes")
     scenes.add_argument("--kind", choices=("objects", "scenes"),
                         help="objects: an ImageNet-S tree; scenes: stuff regions + thing objects (default: synth.kind)")

@@ -56,7 +56,8 @@ def test_tree_layout_counts_and_names(tree):
     assert (tree / "categories.txt").read_text() == "\n".join(wnids)
     manifest = json.loads((tree / "synth.json").read_text())
     assert manifest["complete"] and manifest["arguments"] == {**TINY, "min_area": 0.02, "background_contrast": 1.0,
-                                                                   "background_pool_size": 32}
+                                                                   "background_pool_size": 32,
+                                                                   "background_saturation": 1.0}
     assert manifest["counts"] == {"train": 15, "train-semi": 6, "validation": 9, "test": 6}
     assert not [p for p in tree.rglob(".*")], "temporary files left behind"
     categories = ims.Categories.from_root(tree)
@@ -184,7 +185,8 @@ def test_render_sample_takes_height_and_width():
 
 @pytest.mark.parametrize("change", [dict(classes=0), dict(classes=1000), dict(semi_per_class=6),
                                     dict(size=8), dict(val_per_class=-1), dict(min_area=0.0), dict(min_area=0.9),
-                                    dict(background_contrast=1.5), dict(background_pool_size=-1)])
+                                    dict(background_contrast=1.5), dict(background_pool_size=-1),
+                                    dict(background_saturation=-0.1), dict(background_saturation=1.5)])
 def test_bad_arguments_are_user_errors(tmp_path, change):
     with pytest.raises(UserError):
         syn.generate_dataset(tmp_path / "d", **{**TINY, **change})
@@ -215,6 +217,8 @@ def test_cli_generates_then_reports_complete_and_refuses_foreign_folders(tmp_pat
     assert "min_area" in capsys.readouterr().err
     assert main(argv + ["--background-contrast", "2"]) == 2
     assert "background_contrast must lie in [0, 1]" in capsys.readouterr().err
+    assert main(argv + ["--background-saturation", "2"]) == 2
+    assert "background_saturation must lie in [0, 1]" in capsys.readouterr().err
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -255,3 +259,17 @@ def test_a_shared_background_pool_repeats_styles_and_size_zero_does_not(monkeypa
             syn.render_sample(4, "train", 0, index, classes=1, size=24, background_pool_size=pool_size)
         used[pool_size] = len(set(palettes))
     assert used[3] <= 3 and used[0] == 30
+
+
+def test_background_saturation_greys_the_background_and_keeps_the_objects():
+    for index in range(10):
+        drawn, raw = syn.render_sample(3, "train", 1, index, classes=2, size=48, ignore=False)
+        same, _ = syn.render_sample(3, "train", 1, index, classes=2, size=48, ignore=False, background_saturation=1.0)
+        grey, _ = syn.render_sample(3, "train", 1, index, classes=2, size=48, ignore=False, background_saturation=0.0)
+        assert np.array_equal(same, drawn)  # 1 keeps every pixel of the generator
+        background = ~ndimage.binary_dilation(raw > 0, iterations=2)
+        channels = grey[background].astype(np.int16)
+        assert np.abs(channels - channels[:, :1]).max() <= 1  # R = G = B, up to rounding
+        inside = ndimage.binary_erosion(raw > 0, iterations=2)
+        assert np.array_equal(grey[inside], drawn[inside])  # the objects are untouched
+        assert np.abs(drawn[background].astype(np.int16) - drawn[background][:, :1]).max() > 1
