@@ -765,15 +765,18 @@ class EpochClusters:
         return out  # type: ignore[return-value]
 
     def state(self) -> dict[str, Any]:
-        """Plain containers of tensors and strings (``torch.load(weights_only=True)`` reads them)."""
+        """Plain containers of tensors and strings (``torch.load(weights_only=True)`` reads them).
+
+        ``seconds`` (wall time) stays out: a resumed run's checkpoint equals an unbroken run's bitwise.
+        """
         return {"epoch": self.epoch, "centroids": self.centroids, "weights": self.weights, "keys": self.keys,
-                "labels": self.labels, "objectives": self.objectives, "seconds": self.seconds}
+                "labels": self.labels, "objectives": self.objectives}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochClusters:
         """The inverse of :meth:`state`."""
         return cls(int(state["epoch"]), state["centroids"], state["weights"], list(state["keys"]), state["labels"],
-                   state.get("objectives", []), state.get("seconds", {}))
+                   state.get("objectives", []))
 
 
 def _sample_pass(batches: Iterator[EmbeddedBatch], *, num_batches: int | None, seed: int, epoch: int,

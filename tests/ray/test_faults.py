@@ -23,7 +23,14 @@ import torch
 from lussray.cli import main
 from lussray.data.shards import iter_tar, shard_paths
 from lussray.models.pass_model import PixelAttentionModel
-from lussray.stages.loop import CHECKPOINT_FILE, METRICS_FILE, state_fingerprint
+from lussray.errors import UserError
+from lussray.stages.loop import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    checkpoint_step,
+    reported_checkpoints,
+    state_fingerprint,
+)
 from tests.ray.kill import kill_driver, processes, wait_for_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -69,7 +76,9 @@ TRAIN = [
     "pretrain.loop.checkpoint_every_steps=4", "pretrain.loop.log_every_steps=1", "pretrain.loop.max_failures=2",
     "ingest.map_batch_size=8", "ingest.cpus_per_map_task=0.5",
 ]
-TRAIN_STEPS = 12  # 64 images / (2 workers x 8) = 4 steps per epoch: checkpoints at 4, 8, 12
+# 64 images / (2 workers x 8) = 4 steps per epoch, a checkpoint every 4; the kill comes after step 5,
+# and the steps left (half a second each here) leave it time to land before the run would end
+TRAIN_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +119,20 @@ def test_a_train_worker_killed_mid_epoch_resumes_from_its_checkpoint(train_shard
                                  "--max-steps", str(TRAIN_STEPS), *TRAIN, "dataset.num_classes=2"],
                                 env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # mid-epoch: step 4's checkpoint written, a step of the next epoch done
-        _wait_for(lambda: any(r.get("step") == 5 and "loss" in r for r in _rows(metrics)), 400,
-                  "a step of the second epoch", proc)
+        # mid-epoch: a checkpoint registered by Ray Train (in its snapshot: reported is not enough,
+        # the controller registers it a moment later) and the step after it done
+        def registered_then_a_step() -> bool:
+            try:
+                steps = [checkpoint_step(name) for name in reported_checkpoints(str(run / "pretrain")) or {}]
+            except UserError:  # the snapshot being rewritten
+                return False
+            return bool(steps) and any(r.get("step") == max(steps) + 1 and "loss" in r for r in _rows(metrics))
+
+        _wait_for(registered_then_a_step, 400, "a registered checkpoint and the step after it", proc)
         worker = wait_for_process("ray::RayTrainWorker", session=proc.pid, timeout_s=60)
         os.kill(worker, signal.SIGKILL)  # a worker, not the driver: Ray Train restarts the group (max_failures)
         killed_after = max(r["step"] for r in _rows(metrics) if "loss" in r)
+        assert killed_after < TRAIN_STEPS, "the run ended before the worker was killed"
         saved = _saved_states(run / "pretrain")  # before Ray deletes step 4's (it keeps two)
         output = _finish(proc, log, 400)
     finally:

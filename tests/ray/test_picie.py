@@ -120,7 +120,7 @@ def test_picie_trains_resumes_exactly_after_a_kill_and_predicts(shards, tmp_path
     assert clustered["num_clusters"] == 12 and clustered["num_points"] == 24 * 8
     summary = picie.predict(config, str(shards), str(run_b))
     metrics = summary["metrics"]
-    assert summary["num_images"] == 6 and len(list((run_b / "predict" / "validation").glob("*.png"))) == 6
+    assert summary["num_images"] == 6 and len(list((run_b / "predict" / "validation").rglob("*.png"))) == 6
     assert 0 < metrics["mIoU"] <= 100 and 0 < metrics["Acc"] <= 100 and metrics["matching"] == "hungarian"
     assert len(metrics["iou"]) == 12 and (run_b / "picie-clusters" / "centroids.npy").is_file()
     # a rerun with the same inputs is complete at once
