@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lussray.seeds import stage_salt
 
 #: Tags that keep the generators of the chunk order and of the window permutations apart.
 _ORDER_TAG, _WINDOW_TAG = 1, 2

@@ -296,7 +296,6 @@ class EpochStream:
     def batches(self, windows: Iterable[Window], batch_size: int, device: Any = None,
                 prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
         """Batches of ``batch_size`` rows of ``windows``: numeric columns as tensors on ``device``, keys as numpy."""
-        import torch
 
         for batch in self.dataset(windows).iter_batches(batch_size=batch_size, batch_format="numpy",
                                                         prefetch_batches=prefetch_batches, drop_last=True):

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

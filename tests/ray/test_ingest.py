@@ -1,6 +1,5 @@
 """Ray Data ingest end to end on tiny shards: seeded training streams (shapes, determinism, resume), evaluation images."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,7 +1,6 @@
 """STEGO/HP predictors (cluster probe, linear probe, frozen k-means centroids) in one process, and their scoring."""
 
 import dataclasses
-import io
 
 import numpy as np
 import pytest

@@ -11,7 +11,6 @@ from lussray.errors import UserError
 from lussray.models.pass_model import PASSModel, upsample_features
 from lussray.models.vit import (
     DinoViTFeaturizer,
-    ResNetFeaturizer,
     build_featurizer,
     interpolate_pos_embed,
     read_dino_state_dict,
