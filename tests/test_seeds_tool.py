@@ -102,3 +102,22 @@ def test_synth_classes_also_sets_the_dataset_classes():
     assert seeds.with_class_count(["synth.classes=8", "dataset.num_classes=8"]) == [
         "synth.classes=8", "dataset.num_classes=8"]
     assert seeds.with_class_count([]) == []
+
+
+def test_a_scene_method_runs_its_pipeline_alone_and_is_checked_on_its_own_metrics(tmp_path):
+    steps = seeds.seed_steps(tmp_path, 3, ("--dataset", "synthetic-scenes"), False, method="picie")
+    assert [step.name for step in steps] == ["run"]
+    assert steps[0].args[3:6] == ("run", "--method", "picie") and steps[0].args[-1] == "seed=3"
+    run = tmp_path / "seed-3"
+    run.mkdir()
+    pixel = {"mIoU": 30.0, "Acc": 60.0, "matching": "hungarian"}  # no F in the pixel protocol
+    (run / "metrics.json").write_text(json.dumps({
+        "method": "picie", "metrics": {"picie": pixel},
+        "baselines": {"random_backbone": {"mIoU": 20.0, "Acc": 61.0}, "initial_kmeans": {"mIoU": 10.0, "Acc": 40.0}}}))
+    rows = seeds.seed_rows(tmp_path, 3)
+    assert rows == {"picie": {"mIoU": 30.0, "Acc": 60.0}, "baseline: random_backbone": {"mIoU": 20.0, "Acc": 61.0},
+                    "baseline: initial_kmeans": {"mIoU": 10.0, "Acc": 40.0}}
+    verdict = seeds.checks({3: rows})
+    assert verdict["pipeline_beats_every_baseline"][3] == ["baseline: random_backbone Acc 61.0 >= 60.0"]
+    assert verdict["pretrained_beats_random"][3] == [] and not verdict["all_pass"]
+    assert seeds.markdown(seeds.aggregate({3: rows})).splitlines()[0] == "| row | mIoU | Acc |"

@@ -2,6 +2,11 @@
 
     .venv/bin/python tools/seeds.py --out runs/seeds --seeds 0,1,2
     .venv/bin/python tools/seeds.py --out runs/seeds-8x160 --seeds 0,1,2 synth.classes=8 synth.size=160 synth.seed=7
+    .venv/bin/python tools/seeds.py --out runs/seeds-picie --method picie --dataset synthetic-scenes --no-crf
+
+A scene method (``--method picie|stego|hp``, on ``--dataset synthetic-scenes``) runs ``lussray run
+--method M --baselines`` per seed and is scored with the pixel protocol (mIoU and Acc, no F); the
+ImageNet-S protocols (step 2's distance matching and semi-supervised rows) are PASS's alone.
 
 For a dataset preset (``--dataset``, default ``synthetic-demo``) and the ``key=value`` overrides
 given (passed to every command), it
@@ -38,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 METRICS = ("mIoU", "Acc", "F")
-PIPELINE = "pipeline"
 PROTOCOLS = ("distmatch", "semisup")
 RANDOM_PROTOCOLS = "random-backbone-protocols"
 # Ray's own start-up gives up after 30 s (its raylet waits for the metrics agent): on a crowded
@@ -77,14 +81,17 @@ def data_steps(out: Path, common: tuple[str, ...]) -> list[Step]:
                  shards / "validation" / "manifest.json")]
 
 
-def seed_steps(out: Path, seed: int, common: tuple[str, ...], crf: bool) -> list[Step]:
-    """The pipeline with its baselines, then both protocols on the pretrained and on a random backbone."""
+def seed_steps(out: Path, seed: int, common: tuple[str, ...], crf: bool, method: str = "pass") -> list[Step]:
+    """The pipeline with its baselines, then (PASS) both protocols on the pretrained and on a random backbone."""
     shards, run = str(out / "data" / "shards"), out / f"seed-{seed}"
     random_run = run / RANDOM_PROTOCOLS
     given = (*common, f"seed={seed}")
+    pipeline = Step("run", lussray("run", "--method", method, "--data", shards, "--run", str(run), "--baselines",
+                                   *(("--crf",) if crf else ()), *given), run / "metrics.json")
+    if method != "pass":
+        return [pipeline]
     return [
-        Step("run", lussray("run", "--data", shards, "--run", str(run), "--baselines", *(("--crf",) if crf else ()),
-                            *given), run / "metrics.json"),
+        pipeline,
         Step("distmatch", lussray("distmatch", "--split", "validation", "--data", shards, "--run", str(run), *given),
              run / "distmatch" / "validation" / "summary.json"),
         Step("semisup", lussray("semisup", "--data", shards, "--run", str(run), *given),
@@ -137,16 +144,21 @@ def run_step(step: Step, folder: Path, retries: int = 2) -> dict[str, Any]:
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """mIoU, Img-Acc and F (percent) of an evaluator summary."""
-    return {"mIoU": metrics["mIoU"], "Acc": metrics["Acc"], "F": metrics["FMeasure"]}
+    """mIoU, Acc (Img-Acc on ImageNet-S, pixel accuracy on scenes) and F where the protocol has it (percent)."""
+    values = {"mIoU": metrics["mIoU"], "Acc": metrics["Acc"]}
+    if "FMeasure" in metrics:
+        values["F"] = metrics["FMeasure"]
+    return values
 
 
 def seed_rows(out: Path, seed: int) -> dict[str, dict[str, float]]:
-    """Every row's metrics of one seed, read from the files the commands wrote."""
+    """Every row's metrics of one seed, read from the files the commands wrote (the method's headline row first)."""
     run = out / f"seed-{seed}"
     summary = json.loads((run / "metrics.json").read_text())
     rows = {name: headline(metrics) for name, metrics in summary["metrics"].items()}
     rows.update({f"baseline: {name}": headline(metrics) for name, metrics in summary["baselines"].items()})
+    if summary.get("method", "pass") != "pass":
+        return rows
     for protocol in PROTOCOLS:
         for backbone, root in (("pretrained", run), ("random", run / RANDOM_PROTOCOLS)):
             found = json.loads((root / protocol / "validation" / "summary.json").read_text())
@@ -160,7 +172,7 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names:
         out[name] = {}
-        for metric in METRICS:
+        for metric in next(iter(per_seed.values()))[name]:
             values = [per_seed[seed][name][metric] for seed in per_seed]
             out[name][metric] = {"mean": round(sum(values) / len(values), 2), "min": min(values),
                                  "max": max(values), "values": values}
@@ -174,11 +186,14 @@ def checks(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
     """
     result: dict[str, Any] = {"pipeline_beats_every_baseline": {}, "pretrained_beats_random": {}}
     for seed, rows in per_seed.items():
-        pipeline = rows[PIPELINE]
+        pipeline = next(iter(rows.values()))  # the headline row
         result["pipeline_beats_every_baseline"][seed] = [
             f"{name} {metric} {values[metric]} >= {pipeline[metric]}"
             for name, values in rows.items() if name.startswith("baseline: ")
-            for metric in METRICS if values[metric] >= pipeline[metric]]
+            for metric in pipeline if values[metric] >= pipeline[metric]]
+        if f"{PROTOCOLS[0]}, random" not in rows:  # a scene method: no ImageNet-S protocols
+            result["pretrained_beats_random"][seed] = []
+            continue
         result["pretrained_beats_random"][seed] = [
             f"{protocol} {metric} random {rows[f'{protocol}, random'][metric]} >= pretrained "
             f"{rows[f'{protocol}, pretrained'][metric]}"
@@ -192,7 +207,7 @@ def checks(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
 def table(rows: dict[str, dict[str, dict[str, Any]]], seeds: list[int]) -> str:
     """Mean [min, max] per row and metric."""
     lines = [f"validation over seeds {seeds}: mean [min, max], percent",
-             f"{'':<32}" + "".join(f"{metric:>24}" for metric in METRICS)]
+             f"{'':<32}" + "".join(f"{metric:>24}" for metric in next(iter(rows.values())))]
     for name, metrics in rows.items():
         cells = [f"{m['mean']:.2f} [{m['min']:.2f}, {m['max']:.2f}]" for m in metrics.values()]
         lines.append(f"{name:<32}" + "".join(f"{cell:>24}" for cell in cells))
@@ -209,7 +224,8 @@ def seed_list(text: str) -> list[int]:
 
 def markdown(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     """The same table in Markdown (mean and [min, max] per metric), for the README."""
-    lines = ["| row | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    metrics = list(next(iter(rows.values())))
+    lines = ["| row | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{m['mean']:.2f} [{m['min']:.2f}, {m['max']:.2f}]"
                                                for m in metrics.values()) + " |")
@@ -222,6 +238,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2],
                         help="run seeds, comma-separated (default: 0,1,2)")
     parser.add_argument("--dataset", default="synthetic-demo", help="dataset preset (default: synthetic-demo)")
+    parser.add_argument("--method", default="pass", choices=("pass", "picie", "stego", "hp"),
+                        help="the method of `lussray run` (default: pass; the others on scene data)")
     parser.add_argument("--config", help="experiment YAML passed to every command")
     parser.add_argument("--no-crf", action="store_true", help="leave out the pipeline + CRF row")
     parser.add_argument("--retries", type=int, default=2,
@@ -240,7 +258,7 @@ def main() -> int:
     for seed in args.seeds:
         folder = out / f"seed-{seed}"
         records[seed] = {step.name: run_step(step, folder, args.retries)
-                         for step in seed_steps(out, seed, common, not args.no_crf)}
+                         for step in seed_steps(out, seed, common, not args.no_crf, args.method)}
     per_seed = {seed: seed_rows(out, seed) for seed in args.seeds}
     rows = aggregate(per_seed)
     verdict = checks(per_seed)
@@ -249,7 +267,7 @@ def main() -> int:
     for group in ("pipeline_beats_every_baseline", "pretrained_beats_random"):
         for seed, failures in verdict[group].items():
             print(f"{group}, seed {seed}: {'yes' if not failures else 'NO: ' + '; '.join(failures)}")
-    result = {"dataset": args.dataset, "overrides": list(common[2:]), "seeds": args.seeds, "rows": rows,
+    result = {"method": args.method, "dataset": args.dataset, "overrides": list(common[2:]), "seeds": args.seeds, "rows": rows,
               "checks": verdict, "per_seed": {str(s): v for s, v in per_seed.items()},
               "seconds": {str(s): {name: r["seconds"] for name, r in steps.items()} for s, steps in records.items()},
               "load": {str(s): {name: [r["load_before"], r["load_after"]] for name, r in steps.items()}
