@@ -32,20 +32,12 @@ from typing import Any, Callable
 import numpy as np
 
 from lussray import storage
-from lussray.completion import (
-    FORMAT_VERSION,
-    StageRecord,
-    checkpoint_fingerprint,
-    config_fingerprint,
-    data_fingerprint,
-    has_files,
-)
 from lussray.config import LussConfig
 from lussray.errors import UserError
+from lussray.stages.predict import predict_scene, score_pixels  # the pixel protocol's shared prediction stage
 
 STAGE = "predict"
 PROBES = ("cluster", "linear")
-SUMMARY_FILE = "summary.json"
 HEADS_KEY = "heads"  # the checkpoint's config entry describing the model
 
 
@@ -169,62 +161,6 @@ def crf_refine(config: LussConfig) -> Callable[..., np.ndarray]:
     from lussray.stages.predict import crf_refiner
 
     return crf_refiner(config).refine_probabilities
-
-
-def fingerprint(config: LussConfig, data: str, split: str, checkpoint: str, run: str,
-                extra: dict[str, Any]) -> dict[str, Any]:
-    """What determines a prediction folder: the checkpoint, the split's manifest, the evaluation view, ``extra``."""
-    return {"format": FORMAT_VERSION,
-            **config_fingerprint(config, "ingest.eval_short_side", "dataset.eval_crop_size", "dataset.num_classes",
-                                 "dataset.thing_classes"),
-            "split": split, "data": data_fingerprint(data, [split]),
-            "checkpoint": checkpoint_fingerprint(checkpoint, run), **extra}
-
-
-def score_pixels(config: LussConfig, accumulator: Any, match: str) -> dict[str, Any]:
-    """The pixel protocol's metrics of a split's confusion matrix (``hungarian`` or ``identity`` matching)."""
-    from lussray.eval.pixel import hungarian_match, identity_match, pixel_metrics, things_stuff
-    from lussray.stages.predict import json_safe
-
-    hist = accumulator.hist
-    mapping = hungarian_match(hist) if match == "hungarian" else identity_match(*hist.shape)
-    things = config.dataset.thing_classes
-    groups = things_stuff(range(things), hist.shape[0]) if 0 < things < hist.shape[0] else None
-    metrics = pixel_metrics(hist, mapping, groups, accumulator.num_images)
-    return {**json_safe(metrics.to_dict()), "matching": match}
-
-
-def predict_scene(config: LussConfig, data: str, run: str, out: str, predictor: type, predictor_kwargs: dict[str, Any],
-                  *, checkpoint: str, num_clusters: int, match: str, inputs: dict[str, Any], split: str = "validation",
-                  overwrite: bool = False, stage: str = STAGE) -> dict[str, Any]:
-    """Predict ``split`` with ``predictor`` through the predict pool, score it, write ``<out>/summary.json`` last.
-
-    Returns:
-        The summary (``metrics`` when the split has ground truth).
-    """
-    from lussray.stages.predict import predict_split, write_keys
-
-    record = StageRecord(out, fingerprint(config, data, split, checkpoint, run, inputs), stage)
-    record.check(overwrite)
-    summary_path = storage.join(out, SUMMARY_FILE)
-    if storage.exists(summary_path) and record.recorded() is not None:
-        print(f"[{stage}] {out}: complete", flush=True)
-        return storage.read_json(summary_path)
-    storage.makedirs(out)
-    with record.recording(produced=lambda: has_files(out, ".png") or storage.exists(summary_path)):
-        result = predict_split(config, data, split, out, predictor, predictor_kwargs, pool=config.predict,
-                               evaluate=True, stage=stage, protocol="pixel", num_clusters=num_clusters)
-        write_keys(out, result.keys)
-        summary: dict[str, Any] = {"inputs": record.fingerprint, "num_images": len(result.keys),
-                                   "seconds": round(result.seconds, 1)}
-        if result.accumulator is not None and result.accumulator.num_images:
-            summary["metrics"] = score_pixels(config, result.accumulator, match)
-        storage.write_json_atomic(summary_path, summary)
-    if "metrics" in summary:
-        metrics = summary["metrics"]
-        print(f"[{stage}] {out}: mIoU {metrics['mIoU']:.2f}, Acc {metrics['Acc']:.2f} ({match} matching, "
-              f"{summary['num_images']} images)", flush=True)
-    return summary
 
 
 def predict_probe(config: LussConfig, data: str, run: str, checkpoint: str, *, section: Any, probe: str = "cluster",
