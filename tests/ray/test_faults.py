@@ -250,30 +250,38 @@ def _start_node(args: list[str], temp_dir: str) -> subprocess.Popen:
     return start
 
 
+def _at_work(command: str) -> bool:
+    """A labelgen actor at work: a pool actor in a call, or a k-means actor."""
+    return _in_a_call(command) or command.startswith("ray::EmbeddingShard")
+
+
 def test_a_node_killed_mid_labelgen_leaves_the_stage_to_the_other(labelgen_data, tmp_path):
-    gcs, client, agent, agent2, node_port = _free_ports(5)
+    gcs, client, agent, *node_ports = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="lussray-nodes-")  # short: Ray's socket paths stay below 108 characters
     nodes: list[subprocess.Popen] = []
     run, log = tmp_path / "run", tmp_path / "labelgen.log"
     proc = None
     try:
-        # the head holds one pool actor and the k-means actors; the pool's second actor must go to the other node
-        nodes.append(_start_node(["--head", "--port", str(gcs), "--num-cpus", "1", "--include-dashboard", "false",
+        # a head without CPUs and two worker nodes: every actor runs on a worker node, and whichever of
+        # them dies, the other can hold the whole stage (a pool actor and the k-means actors)
+        nodes.append(_start_node(["--head", "--port", str(gcs), "--num-cpus", "0", "--include-dashboard", "false",
                                   "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent)],
                                  temp_dir))
-        nodes.append(_start_node([f"--address=127.0.0.1:{gcs}", "--num-cpus", "2",
-                                  "--dashboard-agent-listen-port", str(agent2), "--node-manager-port", str(node_port)],
-                                 temp_dir))
-        other = nodes[1].pid  # its session: every process of the second node
+        for agent_port, node_port in (node_ports[:2], node_ports[2:]):
+            nodes.append(_start_node([f"--address=127.0.0.1:{gcs}", "--num-cpus", "2",
+                                      "--dashboard-agent-listen-port", str(agent_port),
+                                      "--node-manager-port", str(node_port)], temp_dir))
+        workers = [node.pid for node in nodes[1:]]  # their sessions: every process of each worker node
         with open(log, "w") as out:
             proc = subprocess.Popen(_labelgen_cmd(labelgen_data, run, f"ray.address=127.0.0.1:{gcs}",
-                                                  "labelgen.actor_pool_min=1", "labelgen.actor_pool_max=3",
+                                                  "labelgen.actor_pool_min=1", "labelgen.actor_pool_max=2",
                                                   "labelgen.kmeans_actors=2", "labelgen.kmeans_cpus_per_actor=0.5"),
                                     env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        # a labelgen actor (pool or k-means) at work on the second node, then the whole node dies
-        wait_for_process(lambda c: _in_a_call(c) or c.startswith("ray::EmbeddingShard"), session=other,
-                         timeout_s=400, running=lambda: proc.poll() is None)
-        _end_session(other)
+        # the first worker node with a labelgen actor at work dies whole
+        victim = _wait_for(lambda: next((sid for sid in workers
+                                         if any(map(_at_work, processes(session=sid).values()))), None),
+                           400, "a labelgen actor at work on a worker node", proc)
+        _end_session(victim)
         output = _finish(proc, log, 600)
     finally:
         if proc is not None and proc.poll() is None:
