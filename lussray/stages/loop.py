@@ -447,8 +447,9 @@ class _MetricsLog:
     per loss term, ``train/lr``, ``train/images_per_s`` and the other per-step numbers. The
     writer opens with the first row and purges what earlier attempts logged after the resumed
     checkpoint's step (everything when the stage starts over), so a resumed curve has no doubled
-    segment. On object stores the event file is written to a local temporary folder and uploaded
-    whole each time metrics.jsonl is (a resumed run adds a file; TensorBoard merges them).
+    segment; metrics.jsonl drops the same rows. On object stores the event file is written to a
+    local temporary folder and uploaded whole each time metrics.jsonl is (a resumed run adds a
+    file; TensorBoard merges them).
     """
 
     FLUSH_EVERY_S = 30.0
@@ -473,6 +474,8 @@ class _MetricsLog:
         if not self.enabled:
             return
         line = json.dumps(row) + "\n"
+        if self._events is None:
+            self._drop_stale_rows(self._first_stale_step(row))
         self._add_scalars(row)
         if self.local:
             with open(self.path, "a") as handle:
@@ -496,10 +499,32 @@ class _MetricsLog:
             return "loss/total"
         return f"loss/{key[len('loss_'):]}" if key.startswith("loss_") else f"train/{key}"
 
+    @staticmethod
+    def _first_stale_step(first_row: dict[str, Any]) -> int:
+        """A resume continues after the checkpoint's step: what was logged beyond it is stale
+        (everything when the stage starts over, e.g. Ray Train restarting a group with no checkpoint yet)."""
+        return first_row["step"] + 1 if first_row.get("event") == "resume" else 0
+
+    def _drop_stale_rows(self, first_stale_step: int) -> None:
+        """Rows of earlier attempts at or after ``first_stale_step`` (and a line a kill cut short) go."""
+        old = (storage.read_bytes(self.path) if storage.exists(self.path) else b"") if self.local else bytes(self._rows)
+        kept = bytearray()
+        for line in old.splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", 0) < first_stale_step:
+                kept += line if line.endswith(b"\n") else line + b"\n"
+        if self.local:
+            if kept != old:
+                storage.write_bytes_atomic(self.path, bytes(kept))
+        else:
+            self._rows = kept
+
     def _add_scalars(self, row: dict[str, Any]) -> None:
         if self._events is None:
-            # a resume continues after the checkpoint's step: what was logged beyond it is stale
-            self._events = self._open_events(purge_step=row["step"] + 1 if row.get("event") == "resume" else 0)
+            self._events = self._open_events(purge_step=self._first_stale_step(row))
         if "event" in row:
             return
         for key, value in row.items():
