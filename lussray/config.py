@@ -740,12 +740,25 @@ def _load_yaml(path: Path) -> DictConfig:
     return layer
 
 
+#: A method that extends another sits on its layers: FS^4 trains PiCIE's network with PiCIE's
+#: clustering keys (``picie.*``), and its ``picie`` baseline must see PiCIE's own config.
+METHOD_BASES: dict[str, str] = {"fs4": "picie"}
+
+
 def method_files(method: str, dataset: str) -> list[Path]:
     """The config layers of ``method``: ``configs/method/<method>.yaml``, then its ``<method>/<dataset>.yaml`` if any.
+
+    A method of :data:`METHOD_BASES` has its base method's layers first (``fs4``: ``picie.yaml``,
+    ``picie/<dataset>.yaml``, ``fs4.yaml``, ``fs4/<dataset>.yaml``).
 
     Raises:
         ConfigError: if the method has no config file.
     """
+    base = method_files(METHOD_BASES[method], dataset) if method in METHOD_BASES else []
+    return base + _own_method_files(method, dataset)
+
+
+def _own_method_files(method: str, dataset: str) -> list[Path]:
     path = METHOD_DIR / f"{method}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))

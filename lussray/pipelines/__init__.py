@@ -26,13 +26,11 @@ DEFAULT_METHOD = "pass"
 
 # name -> the module that runs it
 METHOD_MODULES: dict[str, str] = {"pass": "lussray.pipelines.pass_", "picie": "lussray.pipelines.picie",
-                                  "stego": "lussray.pipelines.stego", "hp": "lussray.pipelines.hp"}
+                                  "stego": "lussray.pipelines.stego", "hp": "lussray.pipelines.hp",
+                                  "fs4": "lussray.pipelines.fs4"}
 
 # name -> the issue that builds it (until then ``lussray run --method NAME`` says so)
-PLANNED_METHODS: dict[str, str] = {
-    "fs4": "FS^4, the first public implementation: pyramid global guidance, active selection, context-aware "
-           "embedding, on PiCIE's pixel clustering",
-}
+PLANNED_METHODS: dict[str, str] = {}
 
 METHOD_NAMES: tuple[str, ...] = (*METHOD_MODULES, *PLANNED_METHODS)
 
@@ -77,7 +75,7 @@ class RunOptions:
     overwrite: bool = False
     featurizer: str | None = None  # STEGO/HP: a DINO checkpoint (default: the run's PASS stage-1 ResNet)
     select_on_labels: bool = False  # STEGO/HP: also the references' checkpoint choice on validation labels
-    init: str | None = None  # PiCIE: the backbone checkpoint (default: PASS stage-1 pretraining runs first)
+    init: str | None = None  # PiCIE, FS^4: the backbone checkpoint (default: PASS stage-1 pretraining runs first)
 
 
 @dataclass

@@ -296,15 +296,63 @@ def method_kwargs(config: LussConfig, init: str | None, *, stage: str, kmeans_ba
             "kmeans_pixels_per_image": cfg.kmeans_pixels_per_image, "kmeans_batches": kmeans_batches, "stage": stage}
 
 
-def lr_schedule(cfg: PiCIEConfig):
-    """``lr_at(step, total)``: the constant ``loop.base_lr`` (the reference), or a cosine to ``loop.final_lr``."""
+def lr_schedule(schedule: str, loop: Any):
+    """``lr_at(step, total)``: the constant ``loop.base_lr`` (the reference), or a cosine to ``loop.final_lr``.
+
+    Args:
+        schedule: ``picie.schedule`` (``constant`` or ``cosine``).
+        loop: the stage's ``TrainLoopConfig``.
+    """
     from lussray.optim.schedules import cosine_schedule
 
-    loop = cfg.loop
-    if cfg.schedule == "constant":
+    if schedule == "constant":
         return lambda step, total: loop.base_lr
     return lambda step, total: cosine_schedule(step, total_steps=total, base_value=loop.base_lr,
                                                final_value=loop.final_lr, warmup_steps=loop.warmup_steps)
+
+
+def kmeans_batches(config: LussConfig, steps: int, loop: Any) -> int | None:
+    """Batches per worker of an epoch whose pixels enter its k-means (``picie.kmeans_images``; None: all)."""
+    images = config.picie.kmeans_images
+    return None if not images else min(steps, math.ceil(images / (loop.batch_size_per_worker * loop.num_workers)))
+
+
+def assemble_spec(config: LussConfig, run: str, *, stage: str, loop: Any, stream: Any, steps: int,
+                  method_factory: Any, max_steps: int | None, record: dict[str, Any]) -> LoopSpec:
+    """The :class:`LoopSpec` of a PiCIE-style stage: Adam on ``loop``, ``picie.schedule``, ``record`` in the checkpoints.
+
+    Args:
+        config: the resolved config.
+        run: run folder.
+        stage: the stage's name (``<run>/<stage>``).
+        loop: the stage's ``TrainLoopConfig`` (``picie.loop``, ``fs4.loop``).
+        stream: the workers' :class:`~lussray.data.ingest.EpochStream`.
+        steps: steps per epoch.
+        method_factory: builds the :class:`PiCIEMethod` (or subclass) on each worker.
+        max_steps: stop after this many steps.
+        record: what builds the network (``config["picie_model"]`` of every checkpoint).
+    """
+    optim_kwargs = {"lr": loop.base_lr, "weight_decay": loop.weight_decay}
+    return LoopSpec(
+        stage=stage,
+        method_factory=method_factory,
+        optimizer_factory=lambda params: torch.optim.Adam(params, **optim_kwargs),
+        lr_at=lr_schedule(config.picie.schedule, loop),
+        stream=stream,
+        seed=config.seed,
+        run_dir=storage.join(run, stage),
+        batch_size_per_worker=loop.batch_size_per_worker,
+        steps_per_epoch=steps,
+        epochs=loop.epochs,
+        checkpoint_every_steps=loop.checkpoint_every_steps,
+        log_every_steps=loop.log_every_steps,
+        max_steps=max_steps,
+        amp=loop.amp,
+        sync_batchnorm=loop.sync_batchnorm,
+        prefetch_batches=config.ingest.prefetch_batches,
+        torch_threads=loop.torch_threads,
+        resolved_config={**to_dict(config), MODEL_RECORD: record},
+    )
 
 
 def build_spec(config: LussConfig, data: str, run: str, init: str | None, *, stage: str = STAGE,
@@ -321,32 +369,12 @@ def build_spec(config: LussConfig, data: str, run: str, init: str | None, *, sta
     check_config(config)
     cfg, loop = config.picie, config.picie.loop
     steps = steps_per_epoch(read_manifest(data, "train")["num_samples"], loop, stage, storage.join(data, "train"))
-    global_batch = loop.batch_size_per_worker * loop.num_workers
-    kmeans_batches = None if not cfg.kmeans_images else min(steps, math.ceil(cfg.kmeans_images / global_batch))
-    kwargs = method_kwargs(config, init, stage=stage, kmeans_batches=kmeans_batches)
+    kwargs = method_kwargs(config, init, stage=stage, kmeans_batches=kmeans_batches(config, steps, loop))
     stream = EpochStream(data, "train", stage, (IMAGE_MEMBER,), views_batch, method.stream_kwargs(cfg), config.seed,
                          **_stream_settings(config.ingest))
-    optim_kwargs = {"lr": loop.base_lr, "weight_decay": loop.weight_decay}
-    return LoopSpec(
-        stage=stage,
-        method_factory=lambda: method(**kwargs),
-        optimizer_factory=lambda params: torch.optim.Adam(params, **optim_kwargs),
-        lr_at=lr_schedule(cfg),
-        stream=stream,
-        seed=config.seed,
-        run_dir=storage.join(run, stage),
-        batch_size_per_worker=loop.batch_size_per_worker,
-        steps_per_epoch=steps,
-        epochs=loop.epochs,
-        checkpoint_every_steps=loop.checkpoint_every_steps,
-        log_every_steps=loop.log_every_steps,
-        max_steps=max_steps,
-        amp=loop.amp,
-        sync_batchnorm=loop.sync_batchnorm,
-        prefetch_batches=config.ingest.prefetch_batches,
-        torch_threads=loop.torch_threads,
-        resolved_config={**to_dict(config), MODEL_RECORD: model_record(config, init, stage)},
-    )
+    return assemble_spec(config, run, stage=stage, loop=loop, stream=stream, steps=steps,
+                         method_factory=lambda: method(**kwargs), max_steps=max_steps,
+                         record=model_record(config, init, stage))
 
 
 def training_keys(config: LussConfig) -> tuple[str, ...]:
@@ -480,7 +508,6 @@ def load_network(checkpoint: str) -> tuple[nn.Module, dict[str, Any]]:
         UserError: if the file is unreadable, is not a PiCIE checkpoint, or lacks weights.
     """
     from lussray.models.checkpoints import load_pretrained
-    from lussray.models.fpn import PanopticFPN
 
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(checkpoint)), map_location="cpu", weights_only=True)
@@ -490,12 +517,24 @@ def load_network(checkpoint: str) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(record, dict):
         raise UserError(f"{checkpoint} is not a PiCIE checkpoint (no config['{MODEL_RECORD}']): pass one of "
                         f"`lussray picie train`")
-    model = PanopticFPN(record["arch"], record["width"])
+    model = network_from_record(record)
     report = load_pretrained(model, checkpoint)
     if report.missing or report.mismatched:
         raise UserError(f"{checkpoint} does not hold the whole PiCIE network: missing {report.missing[:3]}, "
                         f"mismatched {report.mismatched[:3]}")
     return model.eval(), record
+
+
+def network_from_record(record: dict[str, Any]) -> nn.Module:
+    """The (random) network a checkpoint's ``picie_model`` record describes: PiCIE's, or FS^4's with its ``fs4`` entry."""
+    from lussray.models.fpn import PanopticFPN
+
+    fpn = PanopticFPN(record["arch"], record["width"])
+    if not record.get("fs4"):
+        return fpn
+    from lussray.models.fs4_network import build_fs4_network, record_kwargs
+
+    return build_fs4_network(fpn, **record_kwargs(record["fs4"]))
 
 
 def _features(model: nn.Module, images: np.ndarray, device) -> torch.Tensor:
@@ -577,20 +616,27 @@ def trained_checkpoint(run: str | None, given: str | None, stage: str = STAGE) -
     """``--checkpoint`` if given, else the latest ``<run>/<stage>`` checkpoint."""
     from lussray.stages.loop import given_or_latest
 
-    return given_or_latest(given, "--checkpoint", run, stage, "PiCIE", "lussray picie train")
+    what = "PiCIE" if stage == STAGE else stage
+    return given_or_latest(given, "--checkpoint", run, stage, what, f"lussray {stage} train")
+
+
+def cluster_stage(stage: str = STAGE) -> str:
+    """The final k-means' folder of a training stage: ``picie-clusters`` (``fs4-clusters`` for FS^4)."""
+    return f"{stage}-clusters"
 
 
 def cluster(config: LussConfig, data: str, run: str, *, checkpoint: str | None = None, out: str | None = None,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, stage: str = STAGE) -> dict[str, Any]:
     """The final k-means of a PiCIE network's pixel features of the training images into ``out``.
 
     Args:
         config: the resolved config (``picie.cluster``, ``predict`` pool, ``ingest``, ``dataset``, ``ray``).
         data: shards folder.
         run: run folder.
-        checkpoint: the network (default: the latest ``<run>/picie`` checkpoint).
-        out: the folder (default ``<run>/picie-clusters``).
+        checkpoint: the network (default: the latest ``<run>/<stage>`` checkpoint).
+        out: the folder (default ``<run>/<stage>-clusters``).
         overwrite: redo it when the folder holds centroids of other inputs.
+        stage: the training stage (``picie``, or ``fs4``: an FS^4 network clusters the same way).
 
     Returns:
         The summary (also ``<out>/summary.json``): ``centroids`` (path), ``num_clusters``,
@@ -601,15 +647,16 @@ def cluster(config: LussConfig, data: str, run: str, *, checkpoint: str | None =
     from lussray.data.ingest import IMAGE_MEMBER, evaluation_batch, init_ray, read_split
     from lussray.stages.predict import run_pool
 
-    checkpoint = trained_checkpoint(run, checkpoint)
+    checkpoint = trained_checkpoint(run, checkpoint, stage)
     _, record = load_network(checkpoint)
     k = int(record["num_clusters"][0])
-    out = out or storage.join(run, CLUSTER_STAGE)
-    stage_record = StageRecord(out, cluster_fingerprint(config, data, run, checkpoint), CLUSTER_STAGE)
+    name = cluster_stage(stage)
+    out = out or storage.join(run, name)
+    stage_record = StageRecord(out, cluster_fingerprint(config, data, run, checkpoint), name)
     stage_record.check(overwrite)
     summary_path = storage.join(out, SUMMARY_FILE)
     if storage.exists(summary_path) and stage_record.recorded() is not None:
-        print(f"[{CLUSTER_STAGE}] complete: {summary_path}", flush=True)
+        print(f"[{name}] complete: {summary_path}", flush=True)
         return storage.read_json(summary_path)
     cfg = config.picie.cluster
     pixels = storage.join(out, PIXELS_FOLDER)
@@ -627,7 +674,7 @@ def cluster(config: LussConfig, data: str, run: str, *, checkpoint: str | None =
         total = int(read_manifest(data, "train")["num_samples"])
         run_pool(dataset, PixelSampler, {"checkpoint": checkpoint, "pixels_per_image": cfg.pixels_per_image,
                                          "seed": config.seed, "torch_threads": config.predict.torch_threads},
-                 config.predict, total=total, what="train pixels", stage=CLUSTER_STAGE, output_rows=writer.add)
+                 config.predict, total=total, what="train pixels", stage=name, output_rows=writer.add)
         writer.flush()
         embedded = time.perf_counter()
         result = sharded_kmeans(writer.paths, k, num_actors=cfg.kmeans_actors, niter=cfg.iterations, nredo=cfg.redo,
@@ -643,7 +690,7 @@ def cluster(config: LussConfig, data: str, run: str, *, checkpoint: str | None =
                    "embed_seconds": round(embedded - started, 1), "kmeans_seconds": round(result.seconds, 1),
                    "peak_rss_mb_per_actor": result.peak_rss_mb_per_actor}
         storage.write_json_atomic(summary_path, summary)
-    print(f"[{CLUSTER_STAGE}] K={k} over {result.num_points} pixels of {writer.rows // max(cfg.pixels_per_image, 1)} "
+    print(f"[{name}] K={k} over {result.num_points} pixels of {writer.rows // max(cfg.pixels_per_image, 1)} "
           f"images: objective {result.objective:.4g}, {time.perf_counter() - started:.1f} s -> {centroids}", flush=True)
     return summary
 
@@ -697,7 +744,7 @@ class PiCIEPredictor:
 
 def predict(config: LussConfig, data: str, run: str | None, *, split: str = "validation",
             checkpoint: str | None = None, centroids: str | None = None, out: str | None = None, crf: bool = False,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, stage: str = STAGE) -> dict[str, Any]:
     """PiCIE's predictions of ``split`` (nearest centroid per pixel), scored with the pixel protocol.
 
     Args:
@@ -705,11 +752,12 @@ def predict(config: LussConfig, data: str, run: str | None, *, split: str = "val
         data: shards folder.
         run: run folder (default checkpoint, centroids and output folder).
         split: the split to predict.
-        checkpoint: the network (default: the latest ``<run>/picie`` checkpoint).
-        centroids: a ``centroids.npy`` (default ``<run>/picie-clusters/centroids.npy``).
+        checkpoint: the network (default: the latest ``<run>/<stage>`` checkpoint).
+        centroids: a ``centroids.npy`` (default ``<run>/<stage>-clusters/centroids.npy``).
         out: the prediction folder (default ``<run>/predict/<split>[-crf]``).
         crf: refine with the dense CRF (also when ``predict.crf`` is set).
         overwrite: redo the predictions when the folder holds outputs of other inputs.
+        stage: the training stage (``picie``, or ``fs4``).
 
     Returns:
         The summary (``<out>/summary.json``; ``metrics`` where the split has ground truth).
@@ -727,10 +775,10 @@ def predict(config: LussConfig, data: str, run: str | None, *, split: str = "val
                         f"uses dataset.protocol={config.dataset.protocol}")
     if not out and not run:
         raise UserError("--out DIR or --run DIR is required")
-    checkpoint = trained_checkpoint(run, checkpoint)
-    centroids = centroids or (storage.join(run, CLUSTER_STAGE, CENTROIDS_FILE) if run else None)
+    checkpoint = trained_checkpoint(run, checkpoint, stage)
+    centroids = centroids or (storage.join(run, cluster_stage(stage), CENTROIDS_FILE) if run else None)
     if not centroids or not storage.exists(centroids):
-        raise UserError(f"no centroids at {centroids}: run `lussray picie cluster` first or pass --centroids FILE")
+        raise UserError(f"no centroids at {centroids}: run `lussray {stage} cluster` first or pass --centroids FILE")
     matrix = np.load(io.BytesIO(storage.read_bytes(centroids)))
     _, record = load_network(checkpoint)
     width = record["width"] or default_width(record["arch"])
@@ -743,7 +791,7 @@ def predict(config: LussConfig, data: str, run: str | None, *, split: str = "val
     kwargs = {"checkpoint": checkpoint, "centroids": centroids, "torch_threads": config.predict.torch_threads,
               "alpha": config.picie.crf_alpha,
               "refine_fn": refiner.refine_probabilities if refiner is not None else None}
-    inputs = {"method": STAGE, "centroids": file_fingerprint(centroids, run),
+    inputs = {"method": stage, "centroids": file_fingerprint(centroids, run),
               "crf": dataclasses.asdict(refiner.params) if refiner is not None else None,
               "crf_alpha": config.picie.crf_alpha if refiner is not None else None}
     init_ray(config.ray)

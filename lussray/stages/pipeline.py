@@ -71,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="STEGO/HP: also report the checkpoint with the best validation cluster mIoU (uses "
                         "labels; the default choice, the last checkpoint, reads no ground truth)")
     parser.add_argument("--init", metavar="CHECKPOINT",
-                        help="PiCIE: the backbone, a lussray or torchvision checkpoint (default: PASS stage-1 "
-                        "pretraining runs first on the same data and PiCIE starts from it)")
+                        help="PiCIE, FS^4: the backbone, a lussray or torchvision checkpoint (default: PASS "
+                        "stage-1 pretraining runs first on the same data and the method starts from it; FS^4's "
+                        "pseudo labels also use its projector)")
 
 
 def run(args: argparse.Namespace, config: LussConfig) -> int:

@@ -66,7 +66,7 @@ MATCH_FILE = "match.json"
 METHOD_FILE = "method.txt"
 IDENTITY = "identity"
 HUNGARIAN = "hungarian"
-PREDICT_METHODS = ("pass", "picie")  # `lussray predict --method`
+PREDICT_METHODS = ("pass", "picie", "fs4")  # `lussray predict --method`
 
 
 # -- predictors (built once per actor) ----------------------------------------------------------
@@ -677,7 +677,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", required=True, choices=("validation", "test", "train-semi"),
                         help="split to predict")
     parser.add_argument("--checkpoint", help="segmentation checkpoint (default: the latest under <run>/finetune; "
-                        "--method picie: under <run>/picie)")
+                        "--method picie|fs4: under <run>/picie or <run>/fs4)")
     parser.add_argument("--out", metavar="DIR", help="prediction folder (default: <run>/predict/<split>)")
     parser.add_argument("--match", metavar="FILE",
                         help="match.json to apply ('identity': predictions already use ground-truth ids). "
@@ -686,10 +686,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--submission", action="store_true",
                         help="also pack <out>.zip (class folders, match.json, method.txt) for the benchmark server")
     parser.add_argument("--method", default="pass", choices=PREDICT_METHODS,
-                        help="whose model predicts: pass (a fine-tuned segmenter, the default) or picie (nearest "
-                        "centroid per pixel of a `lussray picie train` network, scored with the pixel protocol)")
+                        help="whose model predicts: pass (a fine-tuned segmenter, the default), picie or fs4 (nearest "
+                        "centroid per pixel of a `lussray picie train` / `lussray fs4 train` network, scored with "
+                        "the pixel protocol)")
     parser.add_argument("--centroids", metavar="FILE",
-                        help="picie: the centroids (default: <run>/picie-clusters/centroids.npy)")
+                        help="picie, fs4: the centroids (default: <run>/<method>-clusters/centroids.npy)")
     parser.add_argument("--method-text", default=None,
                         help="text of the submission's method.txt (default: a description of the run)")
     parser.add_argument("--crf", action="store_true",
@@ -780,18 +781,18 @@ def run(args: argparse.Namespace, config: LussConfig) -> int:
         raise UserError("--data DIR (shards of `lussray prepare`) is required")
     absolute = {name: storage.absolute(getattr(args, name)) if getattr(args, name) else None
                 for name in ("run", "out", "checkpoint", "centroids")}
-    if args.method == "picie":
+    if args.method in ("picie", "fs4"):  # FS^4's network predicts as PiCIE's: nearest centroid per pixel
         from lussray.stages import picie
 
         if args.match or args.submission:
-            raise UserError("--match and --submission apply to --method pass only (PiCIE's predictions are "
+            raise UserError(f"--match and --submission apply to --method pass only ({args.method}'s predictions are "
                             "scored with the pixel protocol's Hungarian matching)")
         picie.predict(config, storage.absolute(args.data), absolute["run"], split=args.split, out=absolute["out"],
                       checkpoint=absolute["checkpoint"], centroids=absolute["centroids"], crf=args.crf,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, stage=args.method)
         return 0
     if args.centroids:
-        raise UserError("--centroids applies to --method picie only")
+        raise UserError("--centroids applies to --method picie and fs4 only")
     predict(config, storage.absolute(args.data), run=absolute["run"], split=args.split, out=absolute["out"],
             checkpoint=absolute["checkpoint"], match=args.match, crf=args.crf, submission=args.submission,
             method=args.method_text, overwrite=args.overwrite)

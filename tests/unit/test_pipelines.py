@@ -17,10 +17,20 @@ def test_unknown_method_is_refused_naming_the_choices():
         assert name in str(error.value)
 
 
-@pytest.mark.parametrize("name", sorted(PLANNED_METHODS))
-def test_unbuilt_method_names_its_issue(name):
-    with pytest.raises(UserError, match="not implemented yet"):
-        method_module(name)
+def test_unbuilt_method_names_its_issue(monkeypatch):
+    monkeypatch.setitem(PLANNED_METHODS, "toy", "a toy method")
+    with pytest.raises(UserError, match="not implemented yet.*a toy method"):
+        method_module("toy")
+
+
+def test_fs4_declares_its_stages_in_order_and_sits_on_picie_layers():
+    stages = method_module("fs4").STAGES
+    assert [stage.name for stage in stages] == ["train", "fs4-labels", "fs4", "fs4-clusters", "predict"]
+    assert all(stage.reads and stage.writes and stage.completion for stage in stages)
+    assert [path.stem for path in config_module.method_files("fs4", "synthetic-scenes")] == [
+        "picie", "synthetic-scenes", "fs4", "synthetic-scenes"]
+    config = load_config("synthetic-scenes", method="fs4")
+    assert config.picie.kmeans_images == 0 and config.fs4.labels.num_clusters == 12  # both layers merged
 
 
 def test_pass_declares_its_stages_in_order():
