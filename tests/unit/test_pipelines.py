@@ -70,3 +70,36 @@ def test_final_line_has_the_headline_and_every_baseline():
                                                   "baselines": {"all_other": 10.0, "random_backbone": 20.0}}
     pixel = final_line("picie", {"pipeline": {"mIoU": 12.0, "Acc": 45.0}}, {})
     assert pixel == {"method": "picie", "seed": 0, "mIoU": 12.0, "Acc": 45.0, "baselines": {}}
+
+
+def test_fs4_run_composes_its_stages_and_picie_baselines_from_the_same_start(tmp_path, monkeypatch):
+    from lussray.pipelines import RunOptions, StageTimer
+    from lussray.stages import fs4_labels, fs4_train, picie, pretrain
+
+    calls = []
+    start = str(tmp_path / "run" / "pretrain" / "checkpoint_step=00000009" / "checkpoint.pt")
+
+    def record(name, result):
+        def stage(*args, **kwargs):
+            calls.append((name, args[2] if name != "fs4" else args[1], kwargs.get("init") or kwargs.get("checkpoint"),
+                          kwargs.get("stage")))
+            return result
+        return stage
+
+    monkeypatch.setattr(pretrain, "pretrain", record("pretrain", {}))
+    monkeypatch.setattr(fs4_labels, "initial_checkpoint", lambda run, given: given or start)
+    monkeypatch.setattr(fs4_labels, "generate", record("fs4-labels", {}))
+    monkeypatch.setattr(fs4_train, "train", record("fs4", {"checkpoint": "FS4"}))
+    monkeypatch.setattr(picie, "train", record("picie", {"checkpoint": "PICIE"}))
+    monkeypatch.setattr(picie, "cluster", record("cluster", {}))
+    monkeypatch.setattr(picie, "predict", record("predict", {"metrics": {"mIoU": 1.0, "Acc": 2.0}}))
+    config = load_config("synthetic-scenes", method="fs4")
+    run = str(tmp_path / "run")
+    result = method_module("fs4").run_method(config, "DATA", run, RunOptions(baselines=True), StageTimer())
+    assert list(result.baselines) == ["picie", "random_backbone"] and result.protocol == "pixel"
+    assert calls[:5] == [("pretrain", run, None, None), ("fs4-labels", run, start, None), ("fs4", run, start, None),
+                         ("cluster", run, "FS4", "fs4"), ("predict", run, "FS4", "fs4")]
+    picie_run, random_run = f"{run}/baselines/picie", f"{run}/baselines/random-backbone"
+    assert calls[5:] == [("picie", picie_run, start, None), ("cluster", picie_run, "PICIE", None),
+                         ("predict", picie_run, "PICIE", None), ("picie", random_run, "random", None),
+                         ("cluster", random_run, "PICIE", None), ("predict", random_run, "PICIE", None)]
