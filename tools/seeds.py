@@ -4,7 +4,7 @@
     .venv/bin/python tools/seeds.py --out runs/seeds-8x160 --seeds 0,1,2 synth.classes=8 synth.size=160 synth.seed=7
     .venv/bin/python tools/seeds.py --out runs/seeds-picie --method picie --dataset synthetic-scenes --no-crf
 
-A scene method (``--method picie|stego|hp``, on ``--dataset synthetic-scenes``) runs ``lussray run
+A scene method (``--method picie|stego|hp|fs4``, on ``--dataset synthetic-scenes``) runs ``lussray run
 --method M --baselines`` per seed and is scored with the pixel protocol (mIoU and Acc, no F); the
 ImageNet-S protocols (step 2's distance matching and semi-supervised rows) are PASS's alone.
 
@@ -238,7 +238,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2],
                         help="run seeds, comma-separated (default: 0,1,2)")
     parser.add_argument("--dataset", default="synthetic-demo", help="dataset preset (default: synthetic-demo)")
-    parser.add_argument("--method", default="pass", choices=("pass", "picie", "stego", "hp"),
+    parser.add_argument("--method", default="pass", choices=("pass", "picie", "stego", "hp", "fs4"),
                         help="the method of `lussray run` (default: pass; the others on scene data)")
     parser.add_argument("--config", help="experiment YAML passed to every command")
     parser.add_argument("--no-crf", action="store_true", help="leave out the pipeline + CRF row")
