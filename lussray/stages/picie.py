@@ -36,10 +36,14 @@ protocol.
 Extending the method (FS^4): :class:`PiCIEMethod` keeps the pieces a derived method replaces apart:
 :meth:`~PiCIEMethod.build_network` (the feature model; a CAE module wraps it),
 :meth:`~PiCIEMethod.embed` (the two views' feature maps, used by training and by both clustering
-passes), :meth:`~PiCIEMethod.loss` (PiCIE's loss from the features and the epoch's targets; add L_w
-there, at :data:`lussray.methods.picie.PAPER_LOSS_FACTOR` times PiCIE's scale for the paper's Eq. 5)
-and :meth:`~PiCIEMethod.stream_kwargs` (more batch columns, e.g. the pyramid crops); the epoch
-hook, the checkpointed state and the spec builder are shared.
+passes), :meth:`~PiCIEMethod.loss` (PiCIE's loss from the features and the epoch's targets)
+and :meth:`~PiCIEMethod.stream_kwargs` (the batch function's arguments); the epoch hook, the
+checkpointed state and :func:`assemble_spec` are shared. :class:`lussray.stages.fs4_train.FS4Method`
+replaces ``build_network``, ``embed``, ``stream_kwargs`` and ``training_step`` (one forward pass gives
+the features and the CAM scores; L_p at :data:`lussray.methods.picie.PAPER_LOSS_FACTOR` times PiCIE's
+scale plus L_w, the paper's Eq. 5). :func:`cluster` and :func:`predict` take the training stage
+(``stage="fs4"``): a checkpoint's ``picie_model`` record says how to build its network
+(:func:`network_from_record`).
 """
 
 from __future__ import annotations
