@@ -117,7 +117,7 @@ class FS4Method(picie.PiCIEMethod):
         losses = fs4_loss(scores, batch["global_label"].to(scores.device).long().repeat(2), self.pixel_weight * pixel)
         total = self.global_weight * losses.global_ + losses.pixel  # Eq. (5) at the default weights (1, 4)
         terms = {f"loss_{name}": float(value) for name, value in parts.items()}
-        terms.update(loss_global=float(losses.global_), loss_pixel=float(losses.pixel),
+        terms.update(loss_global=losses.global_.item(), loss_pixel=losses.pixel.item(),
                      kmeans_objective=float(clusters.objectives[0][0]))
         return total, terms
 
