@@ -24,3 +24,18 @@ def test_fs4_command_resolves_with_fs4_layers_and_needs_an_action(tmp_path, caps
     assert "ACTION" in capsys.readouterr().err
     assert main(["fs4", "labels", "--dataset", "synthetic-scenes", "--run", str(tmp_path / "run")]) == 2
     assert "--data DIR" in capsys.readouterr().err
+
+
+def test_fs4_train_and_cluster_actions_parse_and_need_their_inputs(tmp_path, capsys):
+    assert main(["fs4", "train", "--dataset", "synthetic-scenes", "--init", "random", "--max-steps", "3",
+                 "--dry-run"]) == 0
+    assert "cam_head: modified" in capsys.readouterr().out
+    assert main(["fs4", "cluster", "--dataset", "synthetic-scenes", "--dry-run"]) == 0
+    run = tmp_path / "run"
+    # without the pseudo labels, training is refused before any cluster work
+    assert main(["fs4", "train", "--dataset", "synthetic-scenes", "--data", str(tmp_path), "--run", str(run),
+                 "--init", "random"]) == 2
+    assert "lussray fs4 labels" in capsys.readouterr().err
+    # without a trained network, the final k-means names the command that makes one
+    assert main(["fs4", "cluster", "--dataset", "synthetic-scenes", "--data", str(tmp_path), "--run", str(run)]) == 2
+    assert "lussray fs4 train" in capsys.readouterr().err
