@@ -147,14 +147,18 @@ def test_labelgen_resumes_after_kill_without_redoing_finished_shards(data, tmp_p
     cmd = [sys.executable, "-m", "lussray.cli", "labelgen", "--data", str(data / "shards"), "--run", str(run),
            "--tau", "0.3", "ray.address=local", "ray.num_cpus=4", *TINY]
     pseudo = run / "labelgen" / "pseudo" / "train"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600  # an upper bound only: the wait ends at the first finished shard
-    while time.time() < deadline and proc.poll() is None and not list(pseudo.glob("*.done.json")):
-        time.sleep(0.2)
-    kill_driver(proc)
+    log = tmp_path / "killed-run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600  # an upper bound only: the wait ends at the first finished shard
+        while time.time() < deadline and proc.poll() is None and not list(pseudo.glob("*.done.json")):
+            time.sleep(0.2)
+        exit_code = proc.poll()
+        kill_driver(proc)
     finished = {p.name: (_tar_of(p).stat().st_mtime_ns, p.read_text()) for p in pseudo.glob("*.done.json")}
     total = len(shard_paths(str(data / "shards"), "train"))
-    assert 0 < len(finished) < total, f"{len(finished)} of {total} shards were done at the kill"
+    assert 0 < len(finished) < total, (f"{len(finished)} of {total} shards were done at the kill (the run's exit "
+                                       f"code before it: {exit_code}); its output:\n{log.read_text()[-4000:]}")
     assert not (pseudo / "manifest.json").exists()
 
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
