@@ -42,12 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lussray.stages.ray_cluster import RAY_START_TIMEOUT
+
 METRICS = ("mIoU", "Acc", "F")
 PROTOCOLS = ("distmatch", "semisup")
 RANDOM_PROTOCOLS = "random-backbone-protocols"
-# Ray's own start-up gives up after 30 s (its raylet waits for the metrics agent): on a crowded
-# machine a command can fail before doing anything, and rerunning it is safe (stages resume).
-RAY_START_TIMEOUT = "The current node timed out during startup"
+# Ray's own start-up gives up after 30 s: lussray starts its local cluster again a few times
+# (lussray.stages.ray_cluster), and a command that still fails is rerun (stages resume).
 
 
 @dataclass(frozen=True)

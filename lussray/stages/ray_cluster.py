@@ -138,6 +138,29 @@ def current_config() -> Any:
     return _SESSION.get("config") or RayConfig()
 
 
+#: Ray's message when its raylet does not register with the GCS within its fixed 30 s, which happens
+#: on a machine whose cores are busy with other work; the same start then usually succeeds.
+RAY_START_TIMEOUT = "timed out during startup"
+PRIVATE_CLUSTER_ATTEMPTS = 3
+
+
+def _start_private_cluster(ray_config: Any) -> None:
+    """``ray.init`` of this run's own local cluster, started again when Ray gives up waiting for its raylet."""
+    import ray
+
+    for attempt in range(1, PRIVATE_CLUSTER_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", num_cpus=ray_config.num_cpus, include_dashboard=False, log_to_driver=True,
+                     runtime_env={"worker_process_setup_hook": f"{__name__}.setup_worker"})
+            return
+        except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if RAY_START_TIMEOUT not in str(error) or attempt == PRIVATE_CLUSTER_ATTEMPTS:
+                raise
+            print(f"[ray] the local cluster did not start in time (attempt {attempt} of "
+                  f"{PRIVATE_CLUSTER_ATTEMPTS}; a busy machine?), starting it again", flush=True)
+            ray.shutdown()
+
+
 def init_ray(ray_config: Any) -> None:
     """Start this run's private local cluster, or join the one it is given (see the module doc).
 
@@ -156,8 +179,7 @@ def init_ray(ray_config: Any) -> None:
             where = ray.get_runtime_context().gcs_address
             print(f"[ray] joined the cluster at {address} ({where}; {_resources_line()})", flush=True)
         else:
-            ray.init(address="local", num_cpus=ray_config.num_cpus, include_dashboard=False, log_to_driver=True,
-                     runtime_env={"worker_process_setup_hook": f"{__name__}.setup_worker"})
+            _start_private_cluster(ray_config)
             _SESSION["private"] = True
             print(f"[ray] started a private local cluster ({_resources_line()})", flush=True)
     configure_data_context(ray_config)

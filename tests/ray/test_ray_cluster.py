@@ -199,3 +199,39 @@ def test_use_gpu_without_gpus_exits_2_at_once_naming_the_key(shards, tmp_path):
     assert "Traceback" not in err
     assert time.monotonic() - cluster_up < 30, "the check must not wait for resources on a fixed cluster"
     assert time.monotonic() - started < 120
+
+
+def _fake_init(monkeypatch, failures: list[Exception]) -> list[str]:
+    """``ray.init`` raising ``failures`` in turn, then succeeding; the calls (init/shutdown) in order."""
+    import ray
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append("init")
+        if failures:
+            raise failures.pop(0)
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    return calls
+
+
+def test_a_local_cluster_that_times_out_at_start_is_started_again(monkeypatch, capsys):
+    timeout = Exception("The current node timed out during startup. This could happen because ...")
+    calls = _fake_init(monkeypatch, [timeout, timeout])
+    ray_cluster_module._start_private_cluster(RayConfig())
+    assert calls == ["init", "shutdown", "init", "shutdown", "init"]
+    assert "did not start in time (attempt 2 of 3" in capsys.readouterr().out
+
+
+def test_other_start_errors_and_the_last_timeout_are_raised(monkeypatch):
+    calls = _fake_init(monkeypatch, [ValueError("bad num_cpus")])
+    with pytest.raises(ValueError, match="bad num_cpus"):
+        ray_cluster_module._start_private_cluster(RayConfig())
+    assert calls == ["init"]
+    timeouts = [Exception("timed out during startup")] * ray_cluster_module.PRIVATE_CLUSTER_ATTEMPTS
+    calls = _fake_init(monkeypatch, timeouts)
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_cluster_module._start_private_cluster(RayConfig())
+    assert calls.count("init") == ray_cluster_module.PRIVATE_CLUSTER_ATTEMPTS
