@@ -2,6 +2,7 @@
 and finding the Ray processes of one run to kill them (only that run's: other clusters share the machine)."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -99,3 +100,12 @@ def wait_for_process(match: str | Callable[[str], bool], *, under: int | None = 
                 return pid
         time.sleep(0.01)
     raise AssertionError(f"no process {match!r} appeared ({'deadline passed' if running() else 'the run ended'})")
+
+
+def registered_steps(stage_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's snapshot records in a stage folder (a rerun resumes from these)."""
+    try:
+        text = (stage_dir / "checkpoint_manager_snapshot.json").read_text()
+    except OSError:
+        return []
+    return [int(step) for step in re.findall(r"checkpoint_step=(\d+)", text)]

@@ -11,7 +11,6 @@ validation, scored with the pixel protocol.
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from lussray.config import load_config
 from lussray.models.pass_model import PASSModel
 from lussray.stages import fs4_labels, fs4_train, picie
 from lussray.stages.loop import CHECKPOINT_FILE, METRICS_FILE, latest_checkpoint, state_fingerprint
-from tests.ray.kill import kill_driver
+from tests.ray.kill import kill_driver, registered_steps
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -62,14 +61,6 @@ def data(tmp_path_factory):
     return root
 
 
-def _registered_steps(run: Path) -> list[int]:
-    try:
-        text = (run / "fs4" / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
-        return []
-    return [int(step) for step in re.findall(r"checkpoint_step=(\d+)", text)]
-
-
 def _final(run: Path) -> tuple[dict, dict]:
     path = Path(latest_checkpoint(str(run / "fs4")))
     return (torch.load(path, weights_only=True),
@@ -91,10 +82,10 @@ def test_fs4_labels_train_resume_after_a_kill_and_predict(data, tmp_path, ray_cl
         proc = subprocess.Popen(command, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not _registered_steps(run_b):
+    while time.time() < deadline and proc.poll() is None and not registered_steps(run_b / "fs4"):
         time.sleep(0.2)
     kill_driver(proc)
-    registered = _registered_steps(run_b)
+    registered = registered_steps(run_b / "fs4")
     assert registered and max(registered) < STEPS, \
         f"killed too late or never checkpointed: {registered}\n{log.read_text()[-3000:]}"
     killed_at = run_b / "fs4" / f"checkpoint_step={max(registered):08d}" / CHECKPOINT_FILE

@@ -8,7 +8,6 @@ final k-means and the predictions of validation, scored with the pixel protocol.
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from lussray.cli import main
 from lussray.config import load_config
 from lussray.stages import picie
 from lussray.stages.loop import CHECKPOINT_FILE, METRICS_FILE, latest_checkpoint
-from tests.ray.kill import kill_driver
+from tests.ray.kill import kill_driver, registered_steps
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -45,14 +44,6 @@ def shards(tmp_path_factory):
     assert main(["prepare", "--dataset", "synthetic-scenes", "--src", str(root / "tree"), "--out",
                  str(root / "shards"), "--workers", "1", "--samples-per-shard", "8"]) == 0
     return root / "shards"
-
-
-def _registered_steps(run: Path) -> list[int]:
-    try:
-        text = (run / "picie" / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
-        return []
-    return [int(step) for step in re.findall(r"checkpoint_step=(\d+)", text)]
 
 
 def _final(run: Path) -> tuple[dict, dict]:
@@ -93,10 +84,10 @@ def test_picie_trains_resumes_exactly_after_a_kill_and_predicts(shards, tmp_path
         proc = subprocess.Popen(command, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not _registered_steps(run_b):
+    while time.time() < deadline and proc.poll() is None and not registered_steps(run_b / "picie"):
         time.sleep(0.2)
     kill_driver(proc)
-    registered = _registered_steps(run_b)
+    registered = registered_steps(run_b / "picie")
     assert registered and max(registered) < STEPS, \
         f"killed too late or never checkpointed: {registered}\n{log.read_text()[-3000:]}"
     picie.train(config, str(shards), str(run_b), init="random")
