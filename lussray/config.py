@@ -551,6 +551,9 @@ class StegoConfig(SceneHeadConfig):
     pointwise: bool = True
     zero_clamp: bool = True
     stabilize: bool = False
+    # subtract the batch's mean feature before the feature correlation (not in the reference; for
+    # ReLU featurizers such as the PASS ResNet, whose cosines are all positive: methods/stego.py)
+    center_features: bool = False
     flip_tta: bool = True  # STEGO's evaluation averages the codes of the image and its mirror image
 
 

@@ -112,7 +112,7 @@ def adapter_factory(kind: str, spec: FeaturizerSpec, heads: dict[str, Any], sect
         from lussray.stages.stego import StegoAdapter
 
         names = ("pos_intra_shift", "pos_inter_shift", "neg_inter_shift", "pos_intra_weight", "pos_inter_weight",
-                 "neg_inter_weight", "feature_samples", "neg_samples", "pointwise", "zero_clamp", "stabilize")
+                 "neg_inter_weight", "feature_samples", "neg_samples", "pointwise", "zero_clamp", "stabilize", "center_features")
         return partial(StegoAdapter, spec, heads, rates=group_rates(section),
                        correspondence={n: getattr(section, n) for n in names},
                        correspondence_weight=section.correspondence_weight, seed=seed, stage=stage)

@@ -192,3 +192,19 @@ def test_param_groups_reproduce_the_reference_optimisers():
     assert grouped == {id(p) for p in heads.parameters() if p.requires_grad}
     assert not grouped & {id(p) for p in heads.ema_head.parameters()}
     assert "projector" not in {g["name"] for g in param_groups(STEGOHeads(6, 4, 3))}
+
+
+def test_center_features_equals_the_loss_of_features_centred_by_the_batch_mean():
+    torch.manual_seed(2)
+    feats, feats_pos = torch.rand(3, 6, 4, 5) + 1.0, torch.rand(3, 6, 4, 5) + 1.0  # positive, as after a ReLU
+    code, code_pos = torch.randn(3, 4, 4, 5), torch.randn(3, 4, 4, 5)
+    coords1, coords2 = torch.rand(3, 2, 2, 2) * 2 - 1, torch.rand(3, 2, 2, 2) * 2 - 1
+    perms = [torch.tensor([1, 2, 0])]
+    mean = feats.mean(dim=(0, 2, 3), keepdim=True)
+    centred, _ = correspondence_loss(feats, feats_pos, code, code_pos, coords1, coords2, perms,
+                                     CorrespondenceConfig(center_features=True))
+    by_hand, _ = correspondence_loss(feats - mean, feats_pos - mean, code, code_pos, coords1, coords2, perms,
+                                     CorrespondenceConfig())
+    plain, _ = correspondence_loss(feats, feats_pos, code, code_pos, coords1, coords2, perms, CorrespondenceConfig())
+    torch.testing.assert_close(centred, by_hand)
+    assert abs(centred.item() - plain.item()) > 1e-3
