@@ -448,6 +448,7 @@ class HPMethod(nn.Module):
         feature_dropout: float = 0.1,
         grad_norm: float = 10.0,
         gather_distributed: bool = True,
+        checkpoint_loss: bool = True,
     ) -> None:
         """Configure the method (defaults: the COCO-Stuff-27 JSON of the reference, seed-methods.md 3.2).
 
@@ -468,11 +469,14 @@ class HPMethod(nn.Module):
             grad_norm: Clip the head's gradient norm to this (10; 0 disables), as the reference
                 clips ``net_model``'s.
             gather_distributed: Pool the entries of all workers when a process group exists.
+            checkpoint_loss: Recompute each image's loss terms in the backward pass
+                (:func:`hidden_positive_loss`'s ``checkpoint``; same values, less memory, more time).
         """
         super().__init__()
         self.tau, self.alpha, self.rho, self.ema_m = tau, alpha, rho, ema_m
         self.warmup, self.renew_interval, self.reweighting, self.sigma = warmup, renew_interval, reweighting, sigma
         self.gather_distributed = gather_distributed
+        self.checkpoint_loss = checkpoint_loss
         self.grad_norm = grad_norm
         self.pools = ReferencePools(pool_size, feat_dim, dim)
         self.feature_dropout = nn.Dropout2d(feature_dropout)
@@ -544,7 +548,7 @@ class HPMethod(nn.Module):
             loss_hp, stats = hidden_positive_loss(
                 out.z, out.z_mix, flatten_patches(f_maps), flatten_patches(s_maps), self.pools.agnostic,
                 self.pools.specific, patches_per_image=height * width, lam=lam, tau=self.tau, rho=self.rho,
-                reweighting=self.reweighting, generator=generator)
+                reweighting=self.reweighting, generator=generator, checkpoint=self.checkpoint_loss)
         else:  # zero, but every projector output stays in the graph (DDP)
             loss_hp = (out.z.sum() + out.z_mix.sum()) * 0.0
         consistency = consistency_loss(out.z, out.z_aug)

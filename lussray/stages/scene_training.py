@@ -119,7 +119,7 @@ def adapter_factory(kind: str, spec: FeaturizerSpec, heads: dict[str, Any], sect
     from lussray.stages.hp import HPAdapter
 
     names = ("pool_size", "tau", "alpha", "rho", "ema_m", "warmup", "renew_interval", "reweighting", "sigma",
-             "grad_norm")
+             "grad_norm", "checkpoint_loss")
     return partial(HPAdapter, spec, heads, rates=group_rates(section), method={n: getattr(section, n) for n in names},
                    total_steps=total_steps, seed=seed, stage=stage)
 

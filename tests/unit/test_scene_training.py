@@ -185,3 +185,15 @@ def test_each_group_steps_at_its_own_rate():
     assert moved["head.linear.weight"] == pytest.approx(1e-3, rel=1e-3)
     assert moved["linear_probe.weight"] == pytest.approx(4e-3, rel=1e-3)
     assert moved["cluster_probe.centroids"] == 0.0
+
+
+def test_method_configs_reach_the_loss_options():
+    from lussray.config import load_config
+    from lussray.stages.scene_training import adapter_factory
+
+    for method, key in (("hp", "checkpoint_loss"), ("stego", "center_features")):
+        config = load_config("synthetic-scenes", method=method)
+        section = getattr(config, method)
+        factory = adapter_factory(method, _spec(), HEADS, section, seed=0, stage=method, total_steps=10)
+        options = factory.keywords["method"] if method == "hp" else factory.keywords["correspondence"]
+        assert options[key] is (method == "stego")  # scenes: STEGO centres, HP does not checkpoint
