@@ -6,7 +6,6 @@ skip PASS pretraining and exercise the ViT path (HP's local hidden positives use
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 from lussray.cli import main
 from lussray.models.vit import DinoViTFeaturizer
 from lussray.stages.loop import CHECKPOINT_FILE, METHOD_FILE, METRICS_FILE
-from tests.ray.kill import kill_driver
+from tests.ray.kill import kill_driver, registered_steps
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -59,14 +58,6 @@ def _cmd(scenes: Path, run: Path, method: str, *extra: str) -> list[str]:
             *extra, *_tiny(method)]
 
 
-def _registered_steps(stage_dir: Path) -> list[int]:
-    try:
-        text = (stage_dir / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
-        return []
-    return [int(step) for step in re.findall(r"checkpoint_step=(\d+)", text)]
-
-
 @pytest.mark.parametrize("method,baselines", [("stego", False), ("hp", False)])
 def test_method_trains_resumes_after_kill_predicts_and_scores(scenes, tmp_path, method, baselines):
     run = tmp_path / "run"
@@ -77,10 +68,10 @@ def test_method_trains_resumes_after_kill_predicts_and_scores(scenes, tmp_path, 
     proc = subprocess.Popen(_cmd(scenes, run, method, *extra), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not _registered_steps(stage_dir):
+    while time.time() < deadline and proc.poll() is None and not registered_steps(stage_dir):
         time.sleep(0.5)
     kill_driver(proc)
-    registered = _registered_steps(stage_dir)
+    registered = registered_steps(stage_dir)
     assert registered, "no checkpoint was registered before the deadline"
     # 2. the rerun resumes at the last registered step, finishes, predicts and scores (HP: also the
     #    references' checkpoint choice on validation labels, as an extra row)
