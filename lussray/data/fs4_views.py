@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -115,14 +116,15 @@ def view_region(image: np.ndarray, box: tuple[float, float, float, float]) -> np
 
 
 def fs4_batch(batch: dict[str, np.ndarray], *, rngs: list[np.random.Generator], base_size: int, view_size: int,
-              min_side: float = 0.5, flip_p: float = 0.5) -> dict[str, np.ndarray]:
+              min_side: float = 0.5, flip_p: float = 0.5, **photometric: Any) -> dict[str, np.ndarray]:
     """Decode the selected views of a batch and draw PiCIE's two views of each (pure numpy).
 
     Per row: the image is decoded, its pyramid view cut out exactly (integer box, no resampling),
     resized on its shorter side to ``base_size`` and centre-cropped (:func:`picie_views.base_image`:
     for the whole-image view this is PiCIE's own base image), then P1, P2 and G are drawn from the
-    row's generator (:func:`picie_views.sample_view_params`, the supplement's jitter 0.3/0.3/0.3/0.1
-    p 0.8, grayscale p 0.2, blur p 0.5, crop side U(min_side, 1)) and the two network inputs made
+    row's generator (:func:`picie_views.sample_view_params`, crop side U(min_side, 1); P1 and P2 as
+    ``photometric`` says, by default the supplement's jitter 0.3/0.3/0.3/0.1 p 0.8, grayscale p 0.2,
+    blur p 0.5) and the two network inputs made
     (:func:`picie_views.make_views`).
 
     Args:
@@ -132,6 +134,8 @@ def fs4_batch(batch: dict[str, np.ndarray], *, rngs: list[np.random.Generator], 
         view_size: Side of the network inputs (PiCIE's res1, 320).
         min_side: Smallest crop side fraction of G.
         flip_p: Flip probability of G.
+        photometric: ``jitter``, ``jitter_p``, ``grayscale_p``, ``blur_p`` of
+            :func:`picie_views.sample_view_params` (the ``picie.*`` keys in a run).
 
     Returns:
         ``image1`` (B, S, S, 3) uint8, G(P1(x)); ``image2`` (B, S, S, 3) uint8, P2(x), whose feature
@@ -152,7 +156,7 @@ def fs4_batch(batch: dict[str, np.ndarray], *, rngs: list[np.random.Generator], 
         if tuple(image.shape[:2]) != tuple(record.size):
             raise ValueError(f"sample {record.key!r}: image is {image.shape[:2]}, its record says {record.size}")
         base = base_image(view_region(image, record.box), base_size)
-        params = sample_view_params(rng, base_size, base_size, min_side=min_side, flip_p=flip_p)
+        params = sample_view_params(rng, base_size, base_size, min_side=min_side, flip_p=flip_p, **photometric)
         image1, image2 = make_views(base, params, view_size)
         images1.append(image1)
         images2.append(image2)

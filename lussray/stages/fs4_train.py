@@ -44,7 +44,7 @@ from torch import nn
 
 from lussray import storage
 from lussray.completion import FORMAT_VERSION, checkpoint_fingerprint, config_fingerprint, data_fingerprint
-from lussray.config import FS4Config, LussConfig
+from lussray.config import FS4Config, LussConfig, PiCIEConfig
 from lussray.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lussray.data.shards import read_manifest
 from lussray.errors import UserError
@@ -59,7 +59,8 @@ LABELS_STAGE = "fs4-labels"
 LABELS_SPLIT = "train"
 #: The ``picie`` keys FS^4 training reads (its pixel clustering); the rest of ``picie`` is PiCIE's own stage.
 PICIE_KEYS = ("num_clusters", "overcluster_k", "fpn_width", "spherical", "balance", "mse", "kmeans_iterations",
-              "kmeans_init", "kmeans_images", "kmeans_pixels_per_image", "schedule")
+              "kmeans_init", "kmeans_images", "kmeans_pixels_per_image", "schedule",
+              "jitter", "jitter_p", "grayscale_p", "blur_p")
 
 
 @dataclass
@@ -132,10 +133,13 @@ class FS4Method(picie.PiCIEMethod):
         return apply_crop(maps, batch["crop"], (self.base_size, self.base_size), size)
 
     @staticmethod
-    def stream_kwargs(cfg: FS4Config) -> dict[str, Any]:
-        """The batch function's keyword arguments (:func:`lussray.data.fs4_views.fs4_batch`)."""
+    def stream_kwargs(cfg: FS4Config, photometric: PiCIEConfig) -> dict[str, Any]:
+        """The batch function's keyword arguments (:func:`lussray.data.fs4_views.fs4_batch`).
+
+        The geometry of the views is FS^4's (``fs4.*``); P1 and P2 are PiCIE's (``picie.jitter`` ...).
+        """
         return {"base_size": cfg.base_size, "view_size": cfg.view_size, "min_side": cfg.min_side,
-                "flip_p": cfg.flip_p}
+                "flip_p": cfg.flip_p, **picie.photometric_kwargs(photometric)}
 
 
 # -- the training stage --------------------------------------------------------------------------
@@ -172,6 +176,7 @@ def build_spec(config: LussConfig, run: str, init: str | None, *, max_steps: int
     from lussray.data.fs4_views import MEMBERS, fs4_batch
     from lussray.data.ingest import EpochStream, _stream_settings
 
+    picie.check_photometric(config)
     labels = labels_root(run)
     if not storage.exists(storage.join(labels, LABELS_SPLIT, "manifest.json")):
         raise UserError(f"no FS^4 pseudo labels under {labels}: run `lussray fs4 labels` first")
@@ -179,8 +184,8 @@ def build_spec(config: LussConfig, run: str, init: str | None, *, max_steps: int
     steps = steps_per_epoch(read_manifest(labels, LABELS_SPLIT)["num_samples"], loop, STAGE,
                             storage.join(labels, LABELS_SPLIT))
     kwargs = method_kwargs(config, init, kmeans_batches=picie.kmeans_batches(config, steps, loop))
-    stream = EpochStream(labels, LABELS_SPLIT, STAGE, MEMBERS, fs4_batch, FS4Method.stream_kwargs(config.fs4),
-                         config.seed, **_stream_settings(config.ingest))
+    stream = EpochStream(labels, LABELS_SPLIT, STAGE, MEMBERS, fs4_batch,
+                         FS4Method.stream_kwargs(config.fs4, config.picie), config.seed, **_stream_settings(config.ingest))
     return picie.assemble_spec(config, run, stage=STAGE, loop=loop, stream=stream, steps=steps,
                                method_factory=lambda: FS4Method(**kwargs), max_steps=max_steps,
                                record=model_record(config, init))

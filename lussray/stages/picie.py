@@ -253,8 +253,12 @@ class PiCIEMethod:
     def stream_kwargs(cfg: PiCIEConfig) -> dict[str, Any]:
         """The batch function's keyword arguments (:func:`lussray.data.picie_views.views_batch`)."""
         return {"base_size": cfg.base_size, "crop_size": cfg.crop_size, "min_side": cfg.min_scale,
-                "flip_p": cfg.flip_p, "jitter": list(cfg.jitter), "jitter_p": cfg.jitter_p,
-                "grayscale_p": cfg.grayscale_p, "blur_p": cfg.blur_p}
+                "flip_p": cfg.flip_p, **photometric_kwargs(cfg)}
+
+
+def photometric_kwargs(cfg: PiCIEConfig) -> dict[str, Any]:
+    """P1 and P2's keyword arguments (:func:`lussray.data.picie_views.sample_view_params`); FS^4 reads them too."""
+    return {"jitter": list(cfg.jitter), "jitter_p": cfg.jitter_p, "grayscale_p": cfg.grayscale_p, "blur_p": cfg.blur_p}
 
 
 # -- the training stage --------------------------------------------------------------------------
@@ -273,15 +277,25 @@ def check_config(config: LussConfig) -> None:
     Raises:
         ConfigError: naming the key.
     """
+    check_photometric(config)
     cfg = config.picie
-    if len(cfg.jitter) != 4:
-        raise ConfigError(f"picie.jitter={list(cfg.jitter)}: need 4 strengths (brightness, contrast, saturation, hue)")
-    if cfg.jitter[3] > 0.5:
-        raise ConfigError(f"picie.jitter[3]={cfg.jitter[3]} (hue) is out of range: must be <= 0.5")
     if cfg.crop_size > cfg.base_size:
         raise ConfigError(f"picie.crop_size={cfg.crop_size} exceeds picie.base_size={cfg.base_size}")
     if cfg.crop_size % 4:
         raise ConfigError(f"picie.crop_size={cfg.crop_size}: must be a multiple of 4 (the FPN's stride)")
+
+
+def check_photometric(config: LussConfig) -> None:
+    """The rules of ``picie.jitter`` (PiCIE's and FS^4's photometric views).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    jitter = config.picie.jitter
+    if len(jitter) != 4:
+        raise ConfigError(f"picie.jitter={list(jitter)}: need 4 strengths (brightness, contrast, saturation, hue)")
+    if jitter[3] > 0.5:
+        raise ConfigError(f"picie.jitter[3]={jitter[3]} (hue) is out of range: must be <= 0.5")
 
 
 def model_record(config: LussConfig, init: str | None, stage: str = STAGE) -> dict[str, Any]:

@@ -39,3 +39,17 @@ def test_fs4_train_and_cluster_actions_parse_and_need_their_inputs(tmp_path, cap
     # without a trained network, the final k-means names the command that makes one
     assert main(["fs4", "cluster", "--dataset", "synthetic-scenes", "--data", str(tmp_path), "--run", str(run)]) == 2
     assert "lussray fs4 train" in capsys.readouterr().err
+
+
+def test_fs4_views_take_picies_photometric_keys_and_fingerprint_them():
+    from lussray.config import ConfigError
+    from lussray.stages import fs4_train
+
+    overrides = ["picie.grayscale_p=0", "picie.blur_p=0", "picie.jitter=[0.3,0.3,0.3,0]"]
+    config = load_config("synthetic-scenes", method="fs4", overrides=overrides)
+    kwargs = fs4_train.FS4Method.stream_kwargs(config.fs4, config.picie)
+    assert (kwargs["grayscale_p"], kwargs["blur_p"], kwargs["jitter"]) == (0.0, 0.0, [0.3, 0.3, 0.3, 0.0])
+    assert {"picie.grayscale_p", "picie.blur_p", "picie.jitter", "picie.jitter_p"} <= set(fs4_train.training_keys(config))
+    with pytest.raises(ConfigError, match="picie.jitter"):
+        fs4_train.build_spec(load_config("synthetic-scenes", method="fs4", overrides=["picie.jitter=[0.3,0.3]"]),
+                             "/nonexistent-run", None)

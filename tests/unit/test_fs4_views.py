@@ -86,6 +86,20 @@ def test_batch_is_picie_views_of_the_cut_out_pyramid_view():
         assert params.crop.height >= 16 and params.crop.top + params.crop.height <= 32
 
 
+def test_photometric_keys_reach_both_views():
+    image = _quadrants()
+    records = [_record("img", view, image.shape[:2]) for view in range(6)]
+    rngs = lambda: [sample_rng(1, 2, 3, r.key) for r in records]  # noqa: E731
+    grey = fs4_batch(_batch(image, records), rngs=rngs(), base_size=20, view_size=16, jitter_p=0.0,
+                     grayscale_p=1.0, blur_p=0.0)
+    plain = fs4_batch(_batch(image, records), rngs=rngs(), base_size=20, view_size=16, jitter_p=0.0,
+                      grayscale_p=0.0, blur_p=0.0)
+    for name in ("image1", "image2"):
+        assert (grey[name][..., 0] == grey[name][..., 2]).all()  # three equal channels
+        assert not (plain[name][..., 0] == plain[name][..., 2]).all()
+    np.testing.assert_array_equal(grey["crop"], plain["crop"])  # the same draws of G
+
+
 def test_same_generators_same_batch_and_key_mismatch_refused():
     image = _quadrants()
     records = [_record("img", view, image.shape[:2]) for view in (0, 5)]
