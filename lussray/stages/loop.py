@@ -623,8 +623,10 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
     state = StepState(step, first_epoch, spec.steps_per_epoch, spec.total_steps,
                       epoch_batches=_epoch_batches(spec, plan, rank, device))
     before_epoch = getattr(method, "before_epoch", None)
-    window_start, window_images = time.perf_counter(), 0
+    window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+    fetch_start = time.perf_counter()
     for batch in spec.stream.batches(windows, spec.batch_size_per_worker, device, spec.prefetch_batches):
+        window_wait += time.perf_counter() - fetch_start
         state.epoch = state.step // spec.steps_per_epoch
         if before_epoch and (state.step % spec.steps_per_epoch == 0 or state.step == step):
             before_epoch(model, state)
@@ -647,18 +649,32 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
         window_images += spec.batch_size_per_worker * world
         if state.step % spec.log_every_steps == 0 or state.step == spec.last_step:
             elapsed = time.perf_counter() - window_start
+            window_steps = max(window_images / (spec.batch_size_per_worker * world), 1)
             metrics.write({"stage": spec.stage, "step": state.step, "total_steps": spec.last_step,
                            "epoch": state.epoch, "loss": loss.item(), **terms, "lr": state.lr,
                            "images_per_s": window_images / max(elapsed, 1e-9),
-                           "step_seconds": elapsed / max(window_images / (spec.batch_size_per_worker * world), 1),
+                           "step_seconds": elapsed / window_steps,
+                           "data_wait_s": _slowest_rank(window_wait, world) / window_steps,
                            "peak_rss_mb": peak_memory_mb(device), "time": time.time()})
-            window_start, window_images = time.perf_counter(), 0
+            window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
         if state.step % spec.checkpoint_every_steps == 0 or state.step == spec.last_step:
             _save_checkpoint(spec, model, optimizer, scaler, method, state)
         if state.step >= spec.last_step:
             break
+        fetch_start = time.perf_counter()
     if state.step < spec.last_step:
         raise RuntimeError(f"{spec.stage}: the training stream ended at step {state.step} of {spec.last_step}")
+
+
+def _slowest_rank(seconds: float, world: int) -> float:
+    """The largest of every rank's ``seconds`` (a worker starved of data holds the others up in all-reduce)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return float(value.item())
 
 
 def fit(spec: LoopSpec, loop_config: Any, run_root: str) -> dict[str, Any]:

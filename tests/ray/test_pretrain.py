@@ -107,7 +107,8 @@ def test_pretrain_learns_checkpoints_and_resumes_after_kill(shards, tmp_path):
     assert [step for step, _ in curves["loss/total"]] == list(range(1, 25))
     assert [value for _, value in curves["loss/total"]] == pytest.approx([latest[s]["loss"] for s in range(1, 25)],
                                                                         rel=1e-6)
-    assert {"loss/i2i", "loss/d2s3", "train/lr", "train/images_per_s"} <= set(curves), sorted(curves)
+    assert {"loss/i2i", "loss/d2s3", "train/lr", "train/images_per_s", "train/data_wait_s"} <= set(curves), sorted(curves)
+    assert all(0 <= r["data_wait_s"] < r["step_seconds"] + 1 for r in steps)  # the slowest worker's wait per step
     final = torch.load(_checkpoints(run)[-1] / CHECKPOINT_FILE, weights_only=True)
     assert final["step"] == 24 and "prototypes.weight" in final["model"]
     assert final["config"]["pretrain"]["feat_dim"] == 32
