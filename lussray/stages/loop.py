@@ -654,7 +654,7 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
                            "epoch": state.epoch, "loss": loss.item(), **terms, "lr": state.lr,
                            "images_per_s": window_images / max(elapsed, 1e-9),
                            "step_seconds": elapsed / window_steps,
-                           "data_wait_s": _slowest_rank(window_wait, world) / window_steps,
+                           "data_wait_s": _slowest_rank(window_wait, world, device) / window_steps,
                            "peak_rss_mb": peak_memory_mb(device), "time": time.time()})
             window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
         if state.step % spec.checkpoint_every_steps == 0 or state.step == spec.last_step:
@@ -666,13 +666,11 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
         raise RuntimeError(f"{spec.stage}: the training stream ended at step {state.step} of {spec.last_step}")
 
 
-def _slowest_rank(seconds: float, world: int) -> float:
+def _slowest_rank(seconds: float, world: int, device: torch.device) -> float:
     """The largest of every rank's ``seconds`` (a worker starved of data holds the others up in all-reduce)."""
     if world == 1 or not torch.distributed.is_initialized():
         return seconds
-    value = torch.tensor([seconds], dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        value = value.cuda()
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)  # on the process group's device
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return float(value.item())
 
