@@ -186,6 +186,10 @@ class IngestConfig:
     # Object-store memory Ray Data may fill ahead of the Train workers. Bounding it keeps decode
     # from racing ahead and taking CPU from the model when both share a node.
     max_ahead_mb: int = ranged(512, 1)
+    # Pause of Ray Data's scheduling loop after each step, in the Train worker that consumes the
+    # stream. Without it a backpressured pipeline (read-ahead full, no task running) polls a whole
+    # core while the worker trains: 4.1-4.9 CPU-s per idle 5 s (tools/bench_stream_idle.py). 0 = off.
+    scheduler_pause_ms: float = ranged(10.0, 0)
     eval_short_side: int = ranged(256, 32)  # evaluation: Resize(256) of the shorter side, aspect kept
     finetune_crop_size: int = ranged(224, 32)  # joint RandomResizedCrop for (image, label) pairs
     finetune_min_scale: float = ranged(0.08, above=0, high=1)

@@ -249,6 +249,7 @@ class EpochStream:
         map_batch_size: rows per ``batch_fn`` call.
         cpus_per_map_task: CPUs each read/augment task reserves.
         max_ahead_mb: object-store memory the pipeline may fill ahead of the worker.
+        scheduler_pause_s: pause of Ray Data's scheduling loop after each step (:func:`pace_scheduler`).
     """
 
     data: str
@@ -262,6 +263,7 @@ class EpochStream:
     map_batch_size: int = 32
     cpus_per_map_task: float = 1.0
     max_ahead_mb: int = 512
+    scheduler_pause_s: float = 0.01
 
     @property
     def salt(self) -> int:
@@ -286,6 +288,7 @@ class EpochStream:
         context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
             object_store_memory=self.max_ahead_mb * 2**20)
         context.enable_progress_bars = False
+        pace_scheduler(context, self.scheduler_pause_s)
         return (ray.data.from_items(specs, override_num_blocks=len(specs))
                 .map_batches(read_window, fn_kwargs={"members": self.members}, batch_size=1, batch_format="numpy",
                              num_cpus=self.cpus_per_map_task)
@@ -310,9 +313,36 @@ def _tensor(array: np.ndarray, device: Any):
     return torch.from_numpy(array if array.flags.writeable else array.copy()).to(device)
 
 
-def _stream_settings(ingest: Any) -> dict[str, Any]:
+def stream_settings(ingest: Any) -> dict[str, Any]:
+    """The :class:`EpochStream` keyword arguments of an ``ingest`` config section."""
     return {"window_rows": ingest.shuffle_window_rows, "map_batch_size": ingest.map_batch_size,
-            "cpus_per_map_task": ingest.cpus_per_map_task, "max_ahead_mb": ingest.max_ahead_mb}
+            "cpus_per_map_task": ingest.cpus_per_map_task, "max_ahead_mb": ingest.max_ahead_mb,
+            "scheduler_pause_s": ingest.scheduler_pause_ms / 1000}
+
+
+def pace_scheduler(context: Any, pause_s: float) -> None:
+    """Make the Ray Data executions started under ``context`` pause ``pause_s`` after each scheduling step.
+
+    Ray Data's scheduling loop blocks in ``ray.wait`` only while tasks run; once the read-ahead
+    is full it loops without blocking and takes a core from the Train worker that consumes it
+    (measured in tools/bench_stream_idle.py). A pause per step bounds that polling; 10 ms does not
+    slow a drain whose tasks take tens of milliseconds. The hook is Ray Data's execution-callback
+    registry (``DataContext.custom_execution_callback_classes``); on a Ray without it this does nothing.
+    """
+    try:
+        from ray.data._internal.execution.execution_callback import ExecutionCallback
+    except ImportError:
+        return
+    classes = [cls for cls in getattr(context, "custom_execution_callback_classes", None) or []
+               if not getattr(cls, "lussray_pause", False)]
+    if pause_s > 0:
+        classes.append(type("SchedulerPause", (ExecutionCallback,), {
+            "lussray_pause": True, "on_execution_step": lambda self, executor: _pause_step(pause_s)}))
+    context.custom_execution_callback_classes = classes
+
+
+def _pause_step(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def multicrop_stream(data: str, split: str, stage: str, crops: Any, grid_size: int, ingest: Any, seed: int) -> EpochStream:
@@ -324,7 +354,7 @@ def multicrop_stream(data: str, split: str, stage: str, crops: Any, grid_size: i
         "grayscale_p": crops.grayscale_p, "blur_p": crops.blur_p,
     }
     return EpochStream(data, split, stage, (IMAGE_MEMBER,), multicrop_batch,
-                       {"crops": crop_kwargs, "grid_size": grid_size}, seed, **_stream_settings(ingest))
+                       {"crops": crop_kwargs, "grid_size": grid_size}, seed, **stream_settings(ingest))
 
 
 def pair_stream(data: str, split: str, stage: str, ingest: Any, seed: int, *, crop_size: int | None = None,
@@ -332,7 +362,7 @@ def pair_stream(data: str, split: str, stage: str, ingest: Any, seed: int, *, cr
     """(image, label) pairs with joint RandomResizedCrop + flip (see :func:`pair_batch`)."""
     kwargs = {"crop_size": crop_size or ingest.finetune_crop_size, "min_scale": min_scale or ingest.finetune_min_scale}
     return EpochStream(data, split, stage, (IMAGE_MEMBER, LABEL_MEMBER), pair_batch, kwargs, seed,
-                       **_stream_settings(ingest))
+                       **stream_settings(ingest))
 
 
 def evaluation_images(data: str, split: str, ingest: Any, crop_size: int | None = None):

@@ -174,7 +174,7 @@ def build_spec(config: LussConfig, run: str, init: str | None, *, max_steps: int
         UserError: without the pseudo labels, or with fewer selected views than one global batch.
     """
     from lussray.data.fs4_views import MEMBERS, fs4_batch
-    from lussray.data.ingest import EpochStream, _stream_settings
+    from lussray.data.ingest import EpochStream, stream_settings
 
     picie.check_photometric(config)
     labels = labels_root(run)
@@ -185,7 +185,7 @@ def build_spec(config: LussConfig, run: str, init: str | None, *, max_steps: int
                             storage.join(labels, LABELS_SPLIT))
     kwargs = method_kwargs(config, init, kmeans_batches=picie.kmeans_batches(config, steps, loop))
     stream = EpochStream(labels, LABELS_SPLIT, STAGE, MEMBERS, fs4_batch,
-                         FS4Method.stream_kwargs(config.fs4, config.picie), config.seed, **_stream_settings(config.ingest))
+                         FS4Method.stream_kwargs(config.fs4, config.picie), config.seed, **stream_settings(config.ingest))
     return picie.assemble_spec(config, run, stage=STAGE, loop=loop, stream=stream, steps=steps,
                                method_factory=lambda: FS4Method(**kwargs), max_steps=max_steps,
                                record=model_record(config, init))

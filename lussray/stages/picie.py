@@ -381,7 +381,7 @@ def build_spec(config: LussConfig, data: str, run: str, init: str | None, *, sta
         UserError: if the training split holds fewer images than one global batch.
         ConfigError: on inconsistent ``picie`` keys.
     """
-    from lussray.data.ingest import IMAGE_MEMBER, EpochStream, _stream_settings
+    from lussray.data.ingest import IMAGE_MEMBER, EpochStream, stream_settings
     from lussray.data.picie_views import views_batch
 
     check_config(config)
@@ -389,7 +389,7 @@ def build_spec(config: LussConfig, data: str, run: str, init: str | None, *, sta
     steps = steps_per_epoch(read_manifest(data, "train")["num_samples"], loop, stage, storage.join(data, "train"))
     kwargs = method_kwargs(config, init, stage=stage, kmeans_batches=kmeans_batches(config, steps, loop))
     stream = EpochStream(data, "train", stage, (IMAGE_MEMBER,), views_batch, method.stream_kwargs(cfg), config.seed,
-                         **_stream_settings(config.ingest))
+                         **stream_settings(config.ingest))
     return assemble_spec(config, run, stage=stage, loop=loop, stream=stream, steps=steps,
                          method_factory=lambda: method(**kwargs), max_steps=max_steps,
                          record=model_record(config, init, stage))

@@ -140,15 +140,12 @@ def batch_function(kind: str, section: Any, data: str, knn: str | None) -> tuple
 
 def stream(config: Any, data: str, *, kind: str, stage: str, section: Any, knn: str | None) -> Any:
     """The training :class:`~lussray.data.ingest.EpochStream` of a STEGO, HP or random-head run."""
-    from lussray.data.ingest import EpochStream
+    from lussray.data.ingest import EpochStream, stream_settings
     from lussray.data.shards import read_manifest
 
     batch_fn, fn_kwargs = batch_function(kind, section, data, knn)
     members = ("jpg", "seg.png") if read_manifest(data, "train").get("has_segmentation") else ("jpg",)
-    ingest = config.ingest
-    return EpochStream(data, "train", stage, members, batch_fn, fn_kwargs, config.seed,
-                       window_rows=ingest.shuffle_window_rows, map_batch_size=ingest.map_batch_size,
-                       cpus_per_map_task=ingest.cpus_per_map_task, max_ahead_mb=ingest.max_ahead_mb)
+    return EpochStream(data, "train", stage, members, batch_fn, fn_kwargs, config.seed, **stream_settings(config.ingest))
 
 
 def build_spec(config: Any, data: str, run: str, *, kind: str, stage: str, section: Any, spec: FeaturizerSpec,

@@ -81,3 +81,27 @@ def test_evaluation_images(ray_cluster, shards):
         assert row["image"].shape == (48, 64, 3)  # shorter side 72 -> 48, aspect kept
         assert row["label"].shape == (72, 96)
         assert row["label"].max() == 1000 and row["key"].startswith("n00")
+
+
+def test_scheduler_pause_paces_ray_datas_loop_and_is_registered_once(ray_cluster, shards, monkeypatch):
+    import dataclasses
+
+    import ray.data
+
+    pauses = []
+    monkeypatch.setattr(ingest, "_pause_step", pauses.append)  # the loop runs in this process's executor thread
+    paced = ingest.pair_stream(shards, "validation", "finetune", INGEST, seed=0)
+    assert paced.scheduler_pause_s == INGEST.scheduler_pause_ms / 1000 > 0
+    for _ in range(2):  # a second stream replaces the first one's callback instead of adding another
+        assert len(_epoch(paced, 1, 8, 0, 0)) == 2
+    registered = [cls for cls in ray.data.DataContext.get_current().custom_execution_callback_classes
+                  if getattr(cls, "lussray_pause", False)]
+    assert len(registered) == 1
+    assert pauses and set(pauses) == {paced.scheduler_pause_s}
+
+    pauses.clear()
+    unpaced = dataclasses.replace(paced, scheduler_pause_s=0.0)
+    assert len(_epoch(unpaced, 1, 8, 0, 0)) == 2
+    assert pauses == []
+    assert not any(getattr(cls, "lussray_pause", False)
+                   for cls in ray.data.DataContext.get_current().custom_execution_callback_classes)
