@@ -4,7 +4,8 @@
 
 Pipeline efficiency: images/s of ``python -m lussray.train`` (1 Ray Train worker, views decoded and
 augmented by Ray Data from shards, on the same cores) next to the same model, batch, loss and
-optimiser in a bare single-process loop on uint8 views already in memory. Both use ``--threads``
+optimiser in a bare single-process loop on uint8 views already in memory, and the Ray run again with
+Ray Data's scheduling loop not paced (``ingest.scheduler_pause_ms=0``, see lussray.data.ingest.pace_scheduler). Both use ``--threads``
 torch threads. On a CPU machine the decoding and augmentation of a batch cannot overlap with the
 step when both need the same cores, so the bench also times the decode + augment of one batch
 alone (``multicrop_batch`` on 32 JPEGs of the shards, one process) and prints the limit of this
@@ -114,13 +115,13 @@ def augment_alone(preset: str, batches: int, shards: Path) -> dict:
     return {"batch_seconds": sum(times[1:]) / batches}
 
 
-def ray_run(preset: str, steps: int, threads: int, shards: Path, out: Path) -> dict:
+def ray_run(preset: str, steps: int, threads: int, shards: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """``python -m lussray.train`` for warm-up + ``steps`` steps; throughput from its metrics."""
     dataset, overrides = PRESETS[preset]
     run = out / f"train-run-{preset}"
     subprocess.run(["rm", "-rf", str(run)], check=True)
     cmd = [sys.executable, "-m", "lussray.train", "--dataset", dataset, "--data", str(shards), "--run", str(run),
-           "--max-steps", str(steps + 1), *overrides, *COMMON, f"pretrain.loop.torch_threads={threads}",
+           "--max-steps", str(steps + 1), *overrides, *COMMON, *extra, f"pretrain.loop.torch_threads={threads}",
            f"dataset.num_classes={json.loads((shards / 'train' / 'manifest.json').read_text())['num_classes']}"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -157,6 +158,8 @@ def main() -> None:
         return
     print(f"bench_train: Ray Train + Ray Data, {args.preset}, {args.steps} timed steps ...", flush=True)
     ray_result = ray_run(args.preset, args.steps, args.threads, shards, out)
+    print("bench_train: the same with Ray Data's own scheduling loop (ingest.scheduler_pause_ms=0) ...", flush=True)
+    unpaced = ray_run(args.preset, args.steps, args.threads, shards, out, ("ingest.scheduler_pause_ms=0",))
     print("bench_train: bare loop ...", flush=True)
     bare_result = _in_subprocess("bare", args.preset, args.steps, args.threads, out)
     print("bench_train: decode + augment alone ...", flush=True)
@@ -173,6 +176,8 @@ def main() -> None:
     print("| measurement | images/s | s/step | peak memory (MB) |\n|---|---:|---:|---:|")
     print(f"| Ray Train + streaming Ray Data ingest ({args.preset}) | {ray_result['images_per_s']:.2f} | "
           f"{ray_result['step_seconds']:.2f} | {ray_result['peak_memory_mb']:.0f} |")
+    print(f"| the same, Ray Data's loop not paced (scheduler_pause_ms=0) | {unpaced['images_per_s']:.2f} | "
+          f"{unpaced['step_seconds']:.2f} | {unpaced['peak_memory_mb']:.0f} |")
     print(f"| bare loop, in-memory views ({args.preset}) | {bare_result['images_per_s']:.2f} | "
           f"{bare_result['step_seconds']:.2f} | {bare_result['peak_memory_mb']:.0f} |")
     print(f"| decode + augment of one batch alone ({args.preset}) | {32 / augment_seconds:.2f} | "
@@ -183,6 +188,7 @@ def main() -> None:
         print(f"| bare, {label} | {r['images_per_s']:.2f} | {r['step_seconds']:.2f} | {r['peak_memory_mb']:.0f} |")
     print(f"Ray / bare: {ratio:.3f}; Ray / limit: {of_limit:.3f} (target >= 0.85)")
     result = {"ray_images_per_s": round(ray_result["images_per_s"], 3),
+              "ray_unpaced_images_per_s": round(unpaced["images_per_s"], 3),
               "bare_images_per_s": round(bare_result["images_per_s"], 3),
               "limit_images_per_s": round(limit, 3), "augment_batch_seconds": round(augment_seconds, 3),
               "efficiency": round(ratio, 3), "of_limit": round(of_limit, 3), "preset": args.preset,
